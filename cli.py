@@ -112,5 +112,89 @@ def preprocess(dataset: Path, work: Path, configs: str | None, preset: str, work
     click.echo(f"preprocessed {summary} in {time.perf_counter() - start:.1f} s")
 
 
+def _folds(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--config", default="3d_fullres", show_default=True, help="Configuration to train.")
+@click.option("--fold", type=int, required=True, help="Fold to train (0..K-1).")
+@click.option("--epochs", type=int, default=None, help="Epochs (default from plans: 1000).")
+@click.option("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
+@click.option("--val-iters", type=int, default=None, help="Validation batches per epoch (default 50).")
+@click.option("--time-budget", type=float, default=None, help="Seconds; the schedule runs over wall-clock time.")
+@click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
+@click.option("--lr", "initial_lr", type=float, default=None, help="Initial learning rate (default 0.01).")
+@click.option("--num-folds", type=int, default=None, help="Folds when splits.json is created (default 5).")
+@click.option("--seed", type=int, default=None, help="Seed for splits, initialisation and sampling.")
+@click.option("--workers", "num_workers", type=int, default=None, help="Data-loader worker processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint (more --epochs extend a finished run).")
+@click.option("--no-validation", is_flag=True, help="Skip predicting the fold's validation cases at the end.")
+def train(work: Path, config: str, fold: int, time_budget: float | None, device: str, resume: bool,
+          no_validation: bool, **overrides: object) -> None:
+    """Train one fold; at the end predict its validation cases and write validation/summary.json."""
+    from segpipe.evaluation import summary_table
+    from segpipe.training import fit, setup
+    from segpipe.validation import validate_fold
+
+    try:
+        run = setup(work, config, fold, overrides, time_budget, device, resume)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        _fail(exc)
+    state = fit(run)
+    click.echo(f"trained {state.iteration} iterations in {state.seconds:.0f} s "
+               f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}")
+    if not no_validation:
+        summary = validate_fold(work, config, fold, device)
+        click.echo(summary_table(summary))
+
+
+@main.command()
+@click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path), help="NIfTI folder.")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("-m", "--model", "work", required=True, type=click.Path(path_type=Path), help="Work folder.")
+@click.option("--config", default="3d_fullres", show_default=True)
+@click.option("--folds", default="0", show_default=True, help="Comma-separated folds to ensemble.")
+@click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation.")
+@click.option("--step", type=float, default=0.5, show_default=True, help="Window step as a fraction of the patch.")
+@click.option("--batch-windows", type=int, default=2, show_default=True, help="Windows per forward pass.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz with softmax probabilities.")
+@click.option("--overwrite", is_flag=True, help="Redo cases whose output exists.")
+def predict(input_dir: Path, output_dir: Path, work: Path, config: str, folds: str, no_tta: bool, step: float,
+            batch_windows: int, device: str, save_probabilities: bool, overwrite: bool) -> None:
+    """Predict every NIfTI in a folder; outputs have the inputs' exact geometry."""
+    from segpipe.errors import StageFailed
+    from segpipe.nifti import InputError
+    from segpipe.predict import PredictOptions, predict_folder
+
+    options = PredictOptions(step=step, tta=not no_tta, batch_windows=batch_windows,
+                             save_probabilities=save_probabilities, overwrite=overwrite)
+    try:
+        summary = predict_folder(input_dir, output_dir, work, config, _folds(folds), options, device)
+    except (StageFailed, InputError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(f"predicted {summary}")
+
+
+@main.command()
+@click.argument("pred_dir", type=click.Path(path_type=Path))
+@click.argument("gt_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="summary.json path.")
+@click.option("--labels", default=None, help="Comma-separated label values (default: all in the references).")
+def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | None) -> None:
+    """Dice and HD95 (mm) per label and case of a prediction folder against references."""
+    from segpipe.evaluation import evaluate_folder, summary_table
+    from segpipe.nifti import InputError
+
+    try:
+        summary = evaluate_folder(pred_dir, gt_dir, _folds(labels) if labels else None, output or pred_dir / "summary.json")
+    except InputError as exc:
+        _fail(exc)
+    click.echo(summary_table(summary))
+
+
 if __name__ == "__main__":
     main()

@@ -13,3 +13,7 @@ class StageFailed(RuntimeError):
         self.problems = dict(problems)
         lines = "\n".join(f"  - {k}: {v}" for k, v in self.problems.items())
         super().__init__(f"{stage}: {len(self.problems)} problem(s):\n{lines}")
+
+    def __reduce__(self) -> tuple:
+        # Picklable with both arguments (the default would call __init__ with the message only).
+        return (self.__class__, (self.stage, self.problems))

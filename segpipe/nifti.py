@@ -28,6 +28,10 @@ class InputError(ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # Picklable with both arguments, so a worker process's error reaches the parent intact.
+        return (self.__class__, (self.path, self.problem))
+
 
 @dataclass
 class Volume:

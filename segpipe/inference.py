@@ -1,0 +1,118 @@
+"""Sliding-window inference: window positions, Gaussian weights, mirroring, accumulation.
+
+Small pure pieces, each testable on its own; :mod:`segpipe.predict` strings them together with
+preprocessing and resampling back. Arrays are ``(C, X, Y, Z)``.
+
+Why our own and not ``monai.inferers.sliding_window_inference``: we need nnU-Net's window placement
+(steps spread evenly so the edge windows touch the borders), all mirrorings of a window batched
+into one forward pass, and softmax averaging over windows, mirrors and models in one accumulator
+that can live on the CPU when the device is too small.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+
+def window_starts(size: int, patch: int, step: float) -> list[int]:
+    """Start indices along one axis: windows overlap by ``1 - step`` of the patch at least, are spread
+    evenly, and the first and last touch the borders."""
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (patch * step)) + 1
+    stride = (size - patch) / (n - 1)
+    return [int(round(i * stride)) for i in range(n)]
+
+
+def window_slices(shape: Sequence[int], patch: Sequence[int], step: float) -> list[tuple[slice, ...]]:
+    """All windows covering ``shape`` (spatial), as slice tuples."""
+    axes = [window_starts(s, p, step) for s, p in zip(shape, patch)]
+    return [tuple(slice(st, st + p) for st, p in zip(starts, patch)) for starts in itertools.product(*axes)]
+
+
+@lru_cache(maxsize=8)
+def _gaussian(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    impulse = np.zeros(patch, dtype=np.float64)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    g = gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
+    g = g / g.max()
+    g[g == 0] = g[g > 0].min()  # no zero weights: every voxel must receive some prediction
+    return g.astype(np.float32)
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
+    """Gaussian importance map of a window (max 1, sigma = ``sigma_scale`` x patch size)."""
+    return torch.from_numpy(_gaussian(tuple(int(p) for p in patch), sigma_scale))
+
+
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the mirror axes, the identity first (8 for three axes)."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def pad_to_patch(image: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad ``(C, X, Y, Z)`` symmetrically to at least ``patch``; returns the crop back."""
+    pads, crop = [], []
+    for size, p in zip(image.shape[1:], patch):
+        total = max(p - size, 0)
+        pads.append((total // 2, total - total // 2))
+        crop.append(slice(total // 2, total // 2 + size))
+    flat = [v for lo_hi in reversed(pads) for v in lo_hi]
+    return (F.pad(image, flat) if any(flat) else image), tuple(crop)
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch: Sequence[int],
+    num_classes: int,
+    step: float = 0.5,
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    device: torch.device | str = "cpu",
+    batch_windows: int = 2,
+    accumulate_on: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities ``(num_classes, X, Y, Z)`` of ``image`` ``(C, X, Y, Z)``.
+
+    Each window is predicted in every mirroring (batched together), softmaxed, un-mirrored, averaged
+    and added with Gaussian weight; the sum is divided by the summed weights. ``accumulate_on``
+    places the accumulators (default: ``device``), e.g. the CPU for volumes too large for the GPU.
+    """
+    device = torch.device(device)
+    acc_device = torch.device(accumulate_on) if accumulate_on is not None else device
+    padded, crop = pad_to_patch(image, patch)
+    shape = padded.shape[1:]
+    weight = gaussian_importance(patch).to(device)
+    probs = torch.zeros((num_classes, *shape), dtype=torch.float32, device=acc_device)
+    weights = torch.zeros(shape, dtype=torch.float32, device=acc_device)
+    mirrors = mirror_combinations(mirror_axes)
+    windows = window_slices(shape, patch, step)
+    padded = padded.to(device)
+    for first in range(0, len(windows), batch_windows):
+        chunk = windows[first : first + batch_windows]
+        x = torch.stack([padded[(slice(None), *w)] for w in chunk])
+        summed = torch.zeros((len(chunk), num_classes, *patch), device=device)
+        for axes in mirrors:
+            dims = [a + 2 for a in axes]
+            xin = x.flip(dims) if dims else x
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(xin)
+            p = torch.softmax(logits.float(), dim=1)
+            summed += p.flip(dims) if dims else p
+        summed = summed * (weight / len(mirrors))
+        for w, s in zip(chunk, summed):
+            probs[(slice(None), *w)] += s.to(acc_device)
+            weights[w] += weight.to(acc_device)
+    probs /= weights
+    return probs[(slice(None), *crop)]

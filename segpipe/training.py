@@ -1,0 +1,270 @@
+"""Training one fold of one configuration.
+
+Reads ``WORK/plans.json``, ``WORK/splits.json`` and ``WORK/preprocessed/``; writes the run folder
+``WORK/<config>/fold_<k>/`` (checkpoints, ``log.csv``, ``progress.png``). :func:`setup` builds the
+ready parts (model, loss, optimizer, loaders) from the plans; :func:`fit` is the short loop that
+uses them. Validation export after training lives in :mod:`segpipe.validation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from segpipe import runlog
+from segpipe.augment import AUGMENTATIONS, Augmenter
+from segpipe.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from segpipe.losses import DeepSupervisionDiceCE
+from segpipe.network import build_network
+from segpipe.paths import WorkDir
+from segpipe.plans import Configuration, Plans, TrainingSettings, load_plans
+from segpipe.predict import amp_dtype_for, resolve_device
+from segpipe.preprocessing import list_preprocessed
+from segpipe.sampling import PatchBatches, SamplerSpec, make_loader
+from segpipe.schedules import learning_rate, training_progress
+from segpipe.serialization import from_dict, to_dict
+from segpipe.splits import load_or_create_splits
+
+VALIDATION_SEED_OFFSET = 1_000_003  # validation patches differ from training patches of the same epoch
+
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint carries across a resume."""
+
+    epoch: int = 0  # epochs completed
+    iteration: int = 0
+    seconds: float = 0.0  # training wall time spent (resumes add to it)
+    done: bool = False
+
+
+@dataclass
+class TrainingRun:
+    """The ready parts of a run; ``fit`` needs nothing else."""
+
+    run_dir: Path
+    plans: Plans
+    config: Configuration
+    settings: TrainingSettings
+    model: nn.Module
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    train_spec: SamplerSpec
+    val_spec: SamplerSpec
+    augmenter: Augmenter
+    time_budget: float | None
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.settings.epochs * self.settings.iters_per_epoch
+
+    def progress(self) -> float:
+        return training_progress(self.state.iteration, self.total_iterations, self.state.seconds, self.time_budget)
+
+
+def setup(
+    work: Path,
+    config_name: str,
+    fold: int,
+    overrides: dict[str, Any] | None = None,
+    time_budget: float | None = None,
+    device: str = "auto",
+    resume: bool = False,
+) -> TrainingRun:
+    """Build a run from the plans (and, with ``resume``, its latest checkpoint)."""
+    wd = WorkDir(work)
+    plans = load_plans(wd.plans)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = plans.configuration(config_name)
+    run_dir = wd.run(config_name, fold)
+    latest = run_dir / LATEST
+    ckpt = None
+    if resume and latest.exists():
+        ckpt = load_checkpoint(latest)
+        if ckpt["plans_hash"] != plans.fingerprint_hash():
+            raise RuntimeError(f"{latest}: was trained with different plans than {wd.plans}; start a new run")
+        settings = from_dict(TrainingSettings, {**ckpt["settings"], **overrides})
+        time_budget = time_budget if time_budget is not None else ckpt.get("time_budget")
+    elif latest.exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or remove the folder")
+    else:
+        settings = plans.with_training(**overrides).training
+    if config.previous_stage:
+        raise NotImplementedError("cascade training (3d_cascade_fullres) is not available yet")
+    folder = wd.preprocessed(config.data_identifier)
+    cases = list_preprocessed(folder)
+    if not cases:
+        raise FileNotFoundError(f"{folder}: no preprocessed cases; run `segpipe preprocess` first")
+    splits = load_or_create_splits(wd.splits, cases, settings.num_folds, settings.seed)
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold {fold} does not exist: {wd.splits} has {len(splits)} folds")
+    split = splits[fold]
+
+    dev = resolve_device(device)
+    torch.manual_seed(settings.seed + fold)
+    model = build_network(config, len(plans.channel_names), plans.num_classes, settings.deep_supervision).to(dev)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.nesterov,
+    )
+    amp = amp_dtype_for(dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+
+    def spec(ids: list[str]) -> SamplerSpec:
+        return SamplerSpec(
+            folder, ids, config.patch_size, config.batch_size, settings.oversample_foreground, plans.foreground_labels
+        )
+
+    run = TrainingRun(
+        run_dir=run_dir,
+        plans=plans,
+        config=config,
+        settings=settings,
+        model=model,
+        loss=DeepSupervisionDiceCE(),
+        optimizer=optimizer,
+        scaler=scaler,
+        device=dev,
+        amp_dtype=amp,
+        train_spec=spec(split["train"]),
+        val_spec=spec(split["val"]),
+        augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), len(plans.channel_names)),
+        time_budget=time_budget,
+    )
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        run.state = RunState(**ckpt["state"])
+        # more epochs on a finished run extend it
+        run.state.done = run.state.done and run.progress() >= 1.0
+        runlog.truncate_after(run_dir / "log.csv", run.state.epoch)
+    return run
+
+
+def _checkpoint(run: TrainingRun) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "state": to_dict(run.state),
+        "settings": to_dict(run.settings),
+        "time_budget": run.time_budget,
+        "config": run.config.name,
+        "plans_hash": run.plans.fingerprint_hash(),
+        "rng": rng_state(),
+    }
+
+
+def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> float:
+    """One optimizer step on a batch; returns the loss."""
+    image = batch["image"].to(run.device, non_blocking=True)
+    label = batch["label"].to(run.device, non_blocking=True).long()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        logits = run.model(image)
+    loss = run.loss(logits, label)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """Validation loss and pseudo-Dice per label on sampled validation patches (no augmentation)."""
+    run.model.eval()
+    data = PatchBatches(run.val_spec, run.settings.val_iters, run.settings.seed + VALIDATION_SEED_OFFSET, epoch, None)
+    labels = run.plans.foreground_labels
+    tp, fp, fn = (np.zeros(len(labels)) for _ in range(3))
+    losses = []
+    for batch in make_loader(data, 0, False):
+        image = batch["image"].to(run.device)
+        label = batch["label"].to(run.device).long()
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            logits = run.model(image)
+        losses.append(float(run.loss(logits, label)))
+        pred = logits.argmax(1)
+        target = label[:, 0]
+        for i, value in enumerate(labels):
+            p, t = pred == value, target == value
+            tp[i] += float((p & t).sum())
+            fp[i] += float((p & ~t).sum())
+            fn[i] += float((~p & t).sum())
+    run.model.train()
+    denom = 2 * tp + fp + fn
+    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+    out = {"val_loss": float(np.mean(losses)) if losses else math.nan}
+    out.update({f"dice_{v}": float(d) for v, d in zip(labels, dice)})
+    out["mean_dice"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
+    return out
+
+
+def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
+    """Train until progress reaches 1; checkpoint, log and plot after every epoch."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    settings = run.settings
+    workers = settings.num_workers if num_workers is None else num_workers
+    run.model.train()
+    while not run.state.done:
+        epoch = run.state.epoch
+        data = PatchBatches(run.train_spec, settings.iters_per_epoch, settings.seed, epoch, run.augmenter)
+        loader = make_loader(data, workers, pin_memory=run.device.type == "cuda")
+        started = time.perf_counter()
+        seconds_before = run.state.seconds
+        losses: list[float] = []
+        bar = tqdm(loader, total=settings.iters_per_epoch, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True, leave=False)
+        lr = learning_rate(run.progress(), settings)
+        for batch in bar:
+            lr = learning_rate(run.progress(), settings)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            losses.append(train_step(run, batch))
+            run.state.iteration += 1
+            run.state.seconds = seconds_before + time.perf_counter() - started
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
+            if run.progress() >= 1.0:
+                run.state.done = True
+                break
+        with contextlib.suppress(Exception):
+            bar.close()
+        metrics = validate(run, epoch)
+        run.state.seconds = seconds_before + time.perf_counter() - started
+        run.state.epoch += 1
+        row = {
+            "epoch": epoch,
+            "iteration": run.state.iteration,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            **metrics,
+            "lr": lr,
+            "epoch_seconds": round(time.perf_counter() - started, 2),
+            "elapsed_seconds": round(run.state.seconds, 2),
+        }
+        runlog.append_row(run.run_dir / "log.csv", row)
+        runlog.plot_progress(run.run_dir / "log.csv", run.run_dir / "progress.png")
+        save_checkpoint(run.run_dir / LATEST, _checkpoint(run))
+        tqdm.write(
+            f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+            f"pseudo-Dice {metrics['mean_dice']:.4f}, lr {lr:.2e}, {row['epoch_seconds']} s"
+        )
+    save_checkpoint(run.run_dir / FINAL, _checkpoint(run))
+    return run.state
