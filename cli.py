@@ -44,6 +44,18 @@ def check(dataset: Path) -> None:
 
 
 @main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("segpipe_demo"), show_default=True)
+@click.option("--minutes", type=float, default=4.0, show_default=True, help="Total time budget.")
+@click.option("--device", default="auto", show_default=True)
+def demo(out: Path, minutes: float, device: str) -> None:
+    """Synthetic data -> plan -> preprocess -> train -> predict -> Dice, in a few minutes on a CPU."""
+    from segpipe.demo import run_demo
+    from segpipe.evaluation import summary_table
+
+    click.echo(summary_table(run_demo(out, minutes, device)))
+
+
+@main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--cases", default=20, show_default=True, help="Labelled training cases.")
 @click.option("--test-cases", default=0, show_default=True, help="Unlabelled cases in imagesTs.")
@@ -159,7 +171,8 @@ def train(work: Path, config: str, fold: int, time_budget: float | None, device:
 @click.option("--folds", default="0", show_default=True, help="Comma-separated folds to ensemble.")
 @click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation.")
 @click.option("--step", type=float, default=0.5, show_default=True, help="Window step as a fraction of the patch.")
-@click.option("--batch-windows", type=int, default=2, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-windows", type=int, default=1, show_default=True,
+              help="Windows per forward pass (each with all its mirrorings).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz with softmax probabilities.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose output exists.")

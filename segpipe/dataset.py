@@ -226,8 +226,16 @@ def list_prediction_inputs(folder: str | Path, num_channels: int) -> tuple[list[
     cases: list[CaseFiles] = []
     for ending in (".nii.gz", ".nii"):
         for case_id, images in group_channel_files(folder, num_channels, ending).items():
+            # a group is a case only if its first channel exists; "scan_0001" alone is a plain name
+            if not Path(images[0]).exists():
+                continue
             cases.append(CaseFiles(case_id, images))
             grouped_ids.update(strip_nifti_ending(Path(i).name) for i in images)
+        for path in folder.glob(f"*_[0-9][0-9][0-9][0-9]{ending}"):
+            m = _CHANNEL_SUFFIX.match(path.name[: -len(ending)])
+            if m and int(m["channel"]) >= num_channels and m["case"] in {c.case_id for c in cases}:
+                problems.append(InputError(path, f"channel {int(m['channel'])} but the model takes {num_channels}"))
+                grouped_ids.add(strip_nifti_ending(path.name))
     for p in nifti:
         name = strip_nifti_ending(p.name)
         if name not in grouped_ids:

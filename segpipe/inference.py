@@ -79,14 +79,15 @@ def predict_probabilities(
     step: float = 0.5,
     mirror_axes: Sequence[int] = (0, 1, 2),
     device: torch.device | str = "cpu",
-    batch_windows: int = 2,
+    batch_windows: int = 1,
     accumulate_on: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(num_classes, X, Y, Z)`` of ``image`` ``(C, X, Y, Z)``.
 
-    Each window is predicted in every mirroring (batched together), softmaxed, un-mirrored, averaged
-    and added with Gaussian weight; the sum is divided by the summed weights. ``accumulate_on``
+    ``batch_windows`` windows, each in every mirroring, go through the network in one batch; the
+    softmax of each mirroring is un-mirrored, averaged and added with Gaussian weight, and the sum is
+    divided by the summed weights. ``accumulate_on``
     places the accumulators (default: ``device``), e.g. the CPU for volumes too large for the GPU.
     """
     device = torch.device(device)
@@ -102,14 +103,12 @@ def predict_probabilities(
     for first in range(0, len(windows), batch_windows):
         chunk = windows[first : first + batch_windows]
         x = torch.stack([padded[(slice(None), *w)] for w in chunk])
-        summed = torch.zeros((len(chunk), num_classes, *patch), device=device)
-        for axes in mirrors:
-            dims = [a + 2 for a in axes]
-            xin = x.flip(dims) if dims else x
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(xin)
-            p = torch.softmax(logits.float(), dim=1)
-            summed += p.flip(dims) if dims else p
+        # all mirrorings of the chunk in one forward pass
+        xin = torch.cat([x.flip([a + 2 for a in axes]) if axes else x for axes in mirrors])
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(xin)
+        p = torch.softmax(logits.float(), dim=1).split(len(chunk))
+        summed = sum(pm.flip([a + 2 for a in axes]) if axes else pm for axes, pm in zip(mirrors, p))
         summed = summed * (weight / len(mirrors))
         for w, s in zip(chunk, summed):
             probs[(slice(None), *w)] += s.to(acc_device)

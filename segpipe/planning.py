@@ -85,14 +85,18 @@ def plan_normalization(fp: Fingerprint) -> list[Normalization]:
 
 def plan_topology(spacing: list[float], patch: list[int], preset: PlannerPreset) -> Topology:
     """Pool each axis while its feature map stays >= 2 x ``min_feature_map`` and its spacing is at most
-    twice the finest; kernel 1 on an axis while its spacing is more than twice the finest."""
+    twice the finest of the axes that can still pool (as nnU-Net v2); kernel 1 on an axis while its
+    spacing is more than twice the finest."""
     current = np.array(spacing, dtype=float)
     size = np.array(patch, dtype=float)
     kernels = [[3 if current[a] <= 2 * current.min() else 1 for a in range(3)]]
     strides = [[1, 1, 1]]
     while len(strides) < preset.max_stages:
-        finest = current.min()
-        pool = [bool(size[a] >= 2 * preset.min_feature_map and current[a] <= 2 * finest) for a in range(3)]
+        poolable = [a for a in range(3) if size[a] >= 2 * preset.min_feature_map]
+        if not poolable:
+            break
+        finest = min(current[a] for a in poolable)  # an axis too small to pool must not block the others
+        pool = [bool(a in poolable and current[a] <= 2 * finest) for a in range(3)]
         if not any(pool):
             break
         stride = [2 if p else 1 for p in pool]

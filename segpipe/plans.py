@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segpipe.atomic import read_json, write_json
 from segpipe.serialization import from_dict, to_dict
 
@@ -86,6 +88,14 @@ class TrainingSettings:
     schedule: str = "poly"
     poly_exponent: float = 0.9
     warmup_fraction: float = 0.0
+    cycles: int = 1  # cosine / cyclic: number of cycles (a snapshot at the end of each)
+    cycle_mult: float = 1.0  # cosine: each cycle this many times longer than the previous (SGDR)
+    min_lr: float = 0.0  # cosine: the LR at the end of each cycle
+    cyclic_fraction: float = 0.25  # cyclic: the final part of training spent in short cycles
+    cyclic_lr_high: float = 0.005  # cyclic: LR at the top of each cycle (FGE's alpha 1)
+    cyclic_lr_low: float = 0.0001  # cyclic: LR at the low point of each cycle, where snapshots are taken
+    swa: bool = False  # keep a running average of the snapshot weights (swa.pt)
+    accumulate: int = 1  # gradient accumulation over this many batches
     grad_clip: float = 12.0
     oversample_foreground: float = 0.33
     deep_supervision: bool = True
@@ -138,6 +148,13 @@ class Plans:
     @property
     def foreground_labels(self) -> list[int]:
         return sorted(v for v in self.labels.values() if v != 0)
+
+    def label_to_class(self, label: np.ndarray) -> np.ndarray:
+        """Map label values to contiguous class indices (background 0, then labels in ascending order)."""
+        values = sorted(self.labels.values())
+        lut = np.zeros(max(values) + 1, dtype=np.int8)
+        lut[values] = np.arange(len(values))
+        return lut[label]
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:

@@ -34,7 +34,7 @@ from segpipe.resampling import resample_probabilities
 class PredictOptions:
     step: float = 0.5
     tta: bool = True
-    batch_windows: int = 2
+    batch_windows: int = 1
     save_probabilities: bool = False
     overwrite: bool = False
 

@@ -3,7 +3,7 @@
 Fourth stage: reads ``WORK/dataset.json`` and ``WORK/plans.json`` and the raw images, writes one
 folder per configuration spacing under ``WORK/preprocessed/`` with, per case, an uncompressed
 ``(C, X, Y, Z)`` float32 ``.npy`` image (memory-mappable), an ``(X, Y, Z)`` int8 ``_seg.npy``
-label, ``_fg.npz`` with sampled foreground voxel coordinates per class, and a ``.json`` of
+of class indices (label values mapped to 0..K in ascending order), ``_fg.npz`` with sampled foreground voxel coordinates per class, and a ``.json`` of
 properties (written last: it marks the case complete). Inference calls :func:`preprocess_case` on
 new images so they see exactly the training-time pipeline.
 """
@@ -61,7 +61,8 @@ def preprocess_case(data: CaseData, plans: Plans, config: Configuration, files: 
     image = resample_image(image, spacing, config.spacing)
     label = None
     if data.label is not None:
-        label = resample_label(data.label[sl], spacing, config.spacing, plans.num_classes).astype(np.int8)
+        classes = plans.label_to_class(data.label[sl])
+        label = resample_label(classes, spacing, config.spacing, plans.num_classes).astype(np.int8)
     props = CaseProperties(
         case_id=data.case_id,
         original_shape=list(data.image.shape[1:]),
@@ -77,7 +78,7 @@ def preprocess_case(data: CaseData, plans: Plans, config: Configuration, files: 
 
 
 def sample_foreground(label: np.ndarray, labels: list[int], n: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to ``n`` random voxel coordinates ``(N, 3)`` per foreground label, for oversampling."""
+    """Up to ``n`` random voxel coordinates ``(N, 3)`` per foreground class, for oversampling."""
     rng = np.random.default_rng(seed)
     out = {}
     for value in labels:
@@ -116,7 +117,8 @@ def _preprocess_one(item: tuple[CaseFiles, int], work: Path, configs: list[str],
         return "skipped"
     data = read_case(case, len(plans.channel_names), set(plans.labels.values()))
     for config, folder in targets:
-        save_case(folder, preprocess_case(data, plans, config, case), plans.foreground_labels, seed)
+        classes = list(range(1, plans.num_classes))
+        save_case(folder, preprocess_case(data, plans, config, case), classes, seed)
     return "done"
 
 

@@ -29,7 +29,7 @@ class SamplerSpec:
     patch_size: list[int]
     batch_size: int
     oversample_foreground: float
-    foreground_labels: list[int]
+    foreground_classes: list[int]  # class indices 1..K
 
 
 class _CaseCache:

@@ -128,7 +128,8 @@ def setup(
 
     def spec(ids: list[str]) -> SamplerSpec:
         return SamplerSpec(
-            folder, ids, config.patch_size, config.batch_size, settings.oversample_foreground, plans.foreground_labels
+            folder, ids, config.patch_size, config.batch_size, settings.oversample_foreground,
+            list(range(1, plans.num_classes)),
         )
 
     run = TrainingRun(
@@ -205,8 +206,8 @@ def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
         losses.append(float(run.loss(logits, label)))
         pred = logits.argmax(1)
         target = label[:, 0]
-        for i, value in enumerate(labels):
-            p, t = pred == value, target == value
+        for i in range(len(labels)):
+            p, t = pred == i + 1, target == i + 1
             tp[i] += float((p & t).sum())
             fp[i] += float((p & ~t).sum())
             fn[i] += float((~p & t).sum())
