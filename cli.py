@@ -104,7 +104,9 @@ def plan(dataset: Path, work: Path, preset: str, workers: int | None) -> None:
 @click.option("--preset", default="default", show_default=True, help="Preset for plan, when plans.json is missing.")
 @click.option("--workers", type=int, default=None, help="Processes (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Redo cases that are already preprocessed.")
-def preprocess(dataset: Path, work: Path, configs: str | None, preset: str, workers: int | None, overwrite: bool) -> None:
+def preprocess(
+    dataset: Path, work: Path, configs: str | None, preset: str, workers: int | None, overwrite: bool
+) -> None:
     """Crop, resample, normalize and store cases (runs plan first if WORK/plans.json is missing)."""
     import time
 
@@ -131,36 +133,55 @@ def _folds(value: str) -> list[int]:
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
 @click.option("--config", default="3d_fullres", show_default=True, help="Configuration to train.")
-@click.option("--fold", type=int, required=True, help="Fold to train (0..K-1).")
+@click.option("--fold", required=True, help="Fold to train (0..K-1), or 'all' for every fold in sequence.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default from plans: 1000).")
 @click.option("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
 @click.option("--val-iters", type=int, default=None, help="Validation batches per epoch (default 50).")
 @click.option("--time-budget", type=float, default=None, help="Seconds; the schedule runs over wall-clock time.")
 @click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
 @click.option("--lr", "initial_lr", type=float, default=None, help="Initial learning rate (default 0.01).")
+@click.option("--cycles", type=int, default=None, help="cosine/cyclic: number of cycles (a snapshot at each end).")
+@click.option("--cycle-mult", type=float, default=None, help="cosine: each cycle this many times the previous.")
+@click.option("--min-lr", type=float, default=None, help="cosine: LR at the end of each cycle.")
+@click.option("--warmup", "warmup_fraction", type=float, default=None, help="Linear warm-up over this fraction.")
+@click.option("--swa/--no-swa", default=None, help="Keep a running average of the snapshot weights (swa.pt).")
+@click.option("--accumulate", type=int, default=None, help="Gradient accumulation over N batches.")
 @click.option("--num-folds", type=int, default=None, help="Folds when splits.json is created (default 5).")
 @click.option("--seed", type=int, default=None, help="Seed for splits, initialisation and sampling.")
 @click.option("--workers", "num_workers", type=int, default=None, help="Data-loader worker processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint (more --epochs extend a finished run).")
+@click.option(
+    "--resume", is_flag=True, help="Continue from the latest checkpoint (more --epochs extend a finished run)."
+)
 @click.option("--no-validation", is_flag=True, help="Skip predicting the fold's validation cases at the end.")
-def train(work: Path, config: str, fold: int, time_budget: float | None, device: str, resume: bool,
-          no_validation: bool, **overrides: object) -> None:
-    """Train one fold; at the end predict its validation cases and write validation/summary.json."""
+def train(
+    work: Path,
+    config: str,
+    fold: str,
+    time_budget: float | None,
+    device: str,
+    resume: bool,
+    no_validation: bool,
+    **overrides: object,
+) -> None:
+    """Train one fold (or all); at the end predict its validation cases and write validation/summary.json."""
     from segpipe.evaluation import summary_table
-    from segpipe.training import fit, setup
+    from segpipe.training import fit, num_folds, setup
     from segpipe.validation import validate_fold
 
     try:
-        run = setup(work, config, fold, overrides, time_budget, device, resume)
+        folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else [int(fold)]
+        for f in folds:
+            run = setup(work, config, f, overrides, time_budget, device, resume)
+            state = fit(run)
+            click.echo(
+                f"fold {f}: {state.iteration} iterations in {state.seconds:.0f} s "
+                f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}"
+            )
+            if not no_validation:
+                click.echo(summary_table(validate_fold(work, config, f, device)))
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         _fail(exc)
-    state = fit(run)
-    click.echo(f"trained {state.iteration} iterations in {state.seconds:.0f} s "
-               f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}")
-    if not no_validation:
-        summary = validate_fold(work, config, fold, device)
-        click.echo(summary_table(summary))
 
 
 @main.command()
@@ -169,25 +190,55 @@ def train(work: Path, config: str, fold: int, time_budget: float | None, device:
 @click.option("-m", "--model", "work", required=True, type=click.Path(path_type=Path), help="Work folder.")
 @click.option("--config", default="3d_fullres", show_default=True)
 @click.option("--folds", default="0", show_default=True, help="Comma-separated folds to ensemble.")
+@click.option("--weights", default="final", show_default=True, help="final or swa weights of each fold.")
+@click.option("--snapshots", default=None, help="Cycle snapshots instead of the weights: 'all' or 'last:N'.")
 @click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation.")
 @click.option("--step", type=float, default=0.5, show_default=True, help="Window step as a fraction of the patch.")
-@click.option("--batch-windows", type=int, default=1, show_default=True,
-              help="Windows per forward pass (each with all its mirrorings).")
+@click.option(
+    "--batch-windows",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Windows per forward pass (each with all its mirrorings).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz with softmax probabilities.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose output exists.")
-def predict(input_dir: Path, output_dir: Path, work: Path, config: str, folds: str, no_tta: bool, step: float,
-            batch_windows: int, device: str, save_probabilities: bool, overwrite: bool) -> None:
+@click.option("--no-postprocessing", is_flag=True, help="Ignore WORK/<config>/postprocessing.json.")
+def predict(
+    input_dir: Path,
+    output_dir: Path,
+    work: Path,
+    config: str,
+    folds: str,
+    weights: str,
+    snapshots: str | None,
+    no_tta: bool,
+    step: float,
+    batch_windows: int,
+    device: str,
+    save_probabilities: bool,
+    overwrite: bool,
+    no_postprocessing: bool,
+) -> None:
     """Predict every NIfTI in a folder; outputs have the inputs' exact geometry."""
+    from segpipe.ensemble import Members
     from segpipe.errors import StageFailed
     from segpipe.nifti import InputError
     from segpipe.predict import PredictOptions, predict_folder
 
-    options = PredictOptions(step=step, tta=not no_tta, batch_windows=batch_windows,
-                             save_probabilities=save_probabilities, overwrite=overwrite)
+    options = PredictOptions(
+        step=step,
+        tta=not no_tta,
+        batch_windows=batch_windows,
+        save_probabilities=save_probabilities,
+        overwrite=overwrite,
+        postprocess=not no_postprocessing,
+    )
     try:
-        summary = predict_folder(input_dir, output_dir, work, config, _folds(folds), options, device)
-    except (StageFailed, InputError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        members = Members(_folds(folds), weights, snapshots)
+        summary = predict_folder(input_dir, output_dir, work, config, members, options, device)
+    except (StageFailed, InputError, FileNotFoundError, KeyError, RuntimeError, ValueError) as exc:
         _fail(exc)
     click.echo(f"predicted {summary}")
 
@@ -203,10 +254,73 @@ def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | No
     from segpipe.nifti import InputError
 
     try:
-        summary = evaluate_folder(pred_dir, gt_dir, _folds(labels) if labels else None, output or pred_dir / "summary.json")
+        summary = evaluate_folder(
+            pred_dir, gt_dir, _folds(labels) if labels else None, output or pred_dir / "summary.json"
+        )
     except InputError as exc:
         _fail(exc)
     click.echo(summary_table(summary))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "-m",
+    "--model",
+    "work",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Work folder (labels from its plans.json).",
+)
+def ensemble(inputs: tuple[Path, ...], output_dir: Path, work: Path) -> None:
+    """Average the CASE.npz probabilities of prediction folders (from --save-probabilities) case by case."""
+    from segpipe.ensemble import ensemble_folders
+    from segpipe.errors import StageFailed
+    from segpipe.nifti import InputError
+    from segpipe.paths import WorkDir
+    from segpipe.plans import load_plans
+
+    try:
+        labels = load_plans(WorkDir(work).plans).foreground_labels
+        summary = ensemble_folders(list(inputs), output_dir, labels)
+    except (StageFailed, InputError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"ensembled {summary['cases']} cases of {len(inputs)} folders into {output_dir}")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--config", default="3d_fullres", show_default=True)
+def postprocess(work: Path, config: str) -> None:
+    """Decide largest-component postprocessing on the folds' validation/ predictions; write postprocessing.json."""
+    from segpipe.nifti import InputError
+    from segpipe.postprocess import describe_decision, run_postprocessing_decision
+
+    try:
+        decision = run_postprocessing_decision(work, config)
+    except (InputError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(exc)
+    click.echo(describe_decision(decision))
+    click.echo(f"wrote {work / config / 'postprocessing.json'} (segpipe predict applies it)")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--configs", default=None, help="Comma-separated configurations (default: all with run folders).")
+def report(work: Path, configs: str | None) -> None:
+    """Compare final/SWA/snapshot weights and configuration ensembles out of fold; write WORK/report/."""
+    from segpipe.nifti import InputError
+    from segpipe.report import build_report
+
+    try:
+        result = build_report(work, configs.split(",") if configs else None)
+    except (InputError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(exc)
+    for row in result["candidates"]:
+        click.echo(f"{row['name']:<40} mean Dice {row['mean_dice']:.4f}  ({row['num_cases']} cases)")
+    click.echo(f"recommended: {result['recommended']}\n{result['predict_command']}")
+    click.echo(f"wrote {work / 'report' / 'report.html'}")
 
 
 if __name__ == "__main__":

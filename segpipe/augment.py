@@ -50,8 +50,16 @@ AUGMENTATIONS: Registry[AugmentationConfig] = Registry("augmentation preset")
 AUGMENTATIONS.register("default")(AugmentationConfig())
 AUGMENTATIONS.register("none")(
     AugmentationConfig(
-        p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
-        p_lowres=0, p_gamma_inverted=0, p_gamma=0, p_mirror=0,
+        p_rotation=0,
+        p_scale=0,
+        p_noise=0,
+        p_blur=0,
+        p_brightness=0,
+        p_contrast=0,
+        p_lowres=0,
+        p_gamma_inverted=0,
+        p_gamma=0,
+        p_mirror=0,
     )
 )
 
@@ -113,13 +121,17 @@ class Augmenter:
         if rng.random() < c.p_noise:
             p.noise_std = float(math.sqrt(u(*c.noise_variance)))
         blur = rng.random() < c.p_blur
-        p.blur_sigma = [float(u(*c.blur_sigma)) if blur and rng.random() < 0.5 else None for _ in range(self.num_channels)]
+        p.blur_sigma = [
+            float(u(*c.blur_sigma)) if blur and rng.random() < 0.5 else None for _ in range(self.num_channels)
+        ]
         if rng.random() < c.p_brightness:
             p.brightness = float(u(*c.brightness_range))
         if rng.random() < c.p_contrast:
             p.contrast = float(u(*c.contrast_range))
         lowres = rng.random() < c.p_lowres
-        p.lowres_zoom = [float(u(*c.lowres_zoom)) if lowres and rng.random() < 0.5 else None for _ in range(self.num_channels)]
+        p.lowres_zoom = [
+            float(u(*c.lowres_zoom)) if lowres and rng.random() < 0.5 else None for _ in range(self.num_channels)
+        ]
         if rng.random() < c.p_gamma_inverted:
             p.gamma, p.gamma_inverted = self._gamma(rng), True
         elif rng.random() < c.p_gamma:

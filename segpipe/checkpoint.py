@@ -55,13 +55,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model(
-    run_dir: Path, plans: Plans, config: Configuration, device: torch.device, which: str = FINAL
-) -> nn.Module:
-    """The trained network of a run folder in eval mode (``which``: a checkpoint file name)."""
-    path = run_dir / which
-    if which == FINAL and not path.exists():
-        raise FileNotFoundError(f"{path}: this fold has not finished training (no {FINAL})")
+def load_model(path: Path, plans: Plans, config: Configuration, device: torch.device) -> nn.Module:
+    """The network stored in a checkpoint file (final, latest, snapshot or SWA), in eval mode."""
+    if not path.exists():
+        hint = " (this fold has not finished training)" if path.name == FINAL else ""
+        raise FileNotFoundError(f"{path}: checkpoint not found{hint}")
     ckpt = load_checkpoint(path)
     settings = from_dict(TrainingSettings, ckpt["settings"])
     extra = len(plans.foreground_labels) if config.previous_stage else 0

@@ -143,9 +143,7 @@ def _load_msd(root: Path, meta: dict, meta_path: Path) -> Dataset:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InputError(meta_path, f"training entry {entry!r} needs 'image' and 'label'")
         image = (root / entry["image"]).resolve()
-        training.append(
-            CaseFiles(strip_nifti_ending(image.name), [str(image)], str((root / entry["label"]).resolve()))
-        )
+        training.append(CaseFiles(strip_nifti_ending(image.name), [str(image)], str((root / entry["label"]).resolve())))
     test = []
     for entry in meta.get("test", []):
         path = entry["image"] if isinstance(entry, dict) else entry

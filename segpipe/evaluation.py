@@ -94,9 +94,7 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(math.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
 
-def evaluate_case(
-    pred_path: str | os.PathLike, gt_path: str | os.PathLike, labels: Sequence[int]
-) -> dict[str, Any]:
+def evaluate_case(pred_path: str | os.PathLike, gt_path: str | os.PathLike, labels: Sequence[int]) -> dict[str, Any]:
     """Dice and HD95 (mm) of each label for one prediction file against its reference file.
 
     Both files are label maps ``(X, Y, Z)``; they must have the same shape and affines equal within
@@ -182,6 +180,12 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a label map as ``(X, Y, Z)`` int32 plus its 4x4 affine (mm); non-integer values raise
+    :class:`InputError` naming the file."""
+    return _load_labels(Path(path))
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -232,14 +236,10 @@ def _evaluate_arrays(
     labels: list[int],
 ) -> dict[str, Any]:
     if pred.shape != gt.shape:
-        raise InputError(
-            pred_path, f"shape {pred.shape} differs from reference {gt_path.name} shape {gt.shape}"
-        )
+        raise InputError(pred_path, f"shape {pred.shape} differs from reference {gt_path.name} shape {gt.shape}")
     diff = float(np.max(np.abs(pred_affine - gt_affine)))
     if not diff <= AFFINE_TOLERANCE:
-        raise InputError(
-            pred_path, f"affine differs from reference {gt_path.name} (max abs difference {diff:.3g})"
-        )
+        raise InputError(pred_path, f"affine differs from reference {gt_path.name} (max abs difference {diff:.3g})")
     spacing = spacing_from_affine(gt_affine)
     return {
         "case": strip_nifti_ending(pred_path.name),

@@ -7,7 +7,6 @@ which is all the planner looks at.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 

@@ -1,17 +1,22 @@
 """The layout of a work folder, in one place.
 
-    WORK/dataset.json            the raw dataset's description (absolute paths), written by plan
-    WORK/fingerprint.json        dataset fingerprint
-    WORK/plans.json              plans
-    WORK/splits.json             cross-validation folds
-    WORK/preprocessed/<data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
-    WORK/<config>/fold_<k>/      a training run: checkpoints, log.csv, progress.png, validation/
+WORK/dataset.json            the raw dataset's description (absolute paths), written by plan
+WORK/fingerprint.json        dataset fingerprint
+WORK/plans.json              plans
+WORK/splits.json             cross-validation folds
+WORK/preprocessed/<data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
+WORK/<config>/fold_<k>/      a training run: checkpoints, log.csv, progress.png, validation/
+WORK/<config>/postprocessing.json   largest-component decision, applied by predict
+WORK/report/                 report.json, report.md, report.html and their PNG plots
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# out-of-fold prediction folders inside a run folder, one per candidate model of the fold
+VALIDATION_FOLDERS = {"final": "validation", "swa": "validation_swa", "snapshots": "validation_snapshots"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ class WorkDir:
 
     def run(self, config: str, fold: int | str) -> Path:
         return self.root / config / f"fold_{fold}"
+
+    def postprocessing(self, config: str) -> Path:
+        return self.root / config / "postprocessing.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
 
 
 @dataclass(frozen=True)

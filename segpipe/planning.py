@@ -8,8 +8,8 @@ functions so each rule can be tested on its own.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -170,9 +170,7 @@ def plan_configuration(
 
 
 def _dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
-    return float(
-        sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases)
-    )
+    return float(sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases))
 
 
 def plan_lowres(fp: Fingerprint, fullres: Configuration, preset: PlannerPreset) -> Configuration | None:
@@ -245,7 +243,10 @@ def run_plan(dataset_dir: str | Path, work: str | Path, preset_name: str, worker
 def describe_plans(plans: Plans) -> str:
     """A short human-readable summary of the planned configurations."""
     lines = [f"dataset {plans.dataset_name} (preset {plans.preset}), labels {plans.labels}"]
-    lines.append("normalization: " + ", ".join(n.scheme + (" (nonzero mask)" if n.use_nonzero_mask else "") for n in plans.normalization))
+    lines.append(
+        "normalization: "
+        + ", ".join(n.scheme + (" (nonzero mask)" if n.use_nonzero_mask else "") for n in plans.normalization)
+    )
     for c in plans.configurations.values():
         lines.append(
             f"{c.name}: spacing {[round(s, 3) for s in c.spacing]} mm, median shape {c.median_shape}, "

@@ -2,6 +2,8 @@
 
 Reads ``WORK/plans.json`` and the run folders' checkpoints; writes ``OUT/<case>.nii.gz`` (uint8,
 the input's exact shape, affine and orientation) and optionally ``OUT/<case>.npz`` probabilities.
+When ``WORK/<config>/postprocessing.json`` exists (``segpipe postprocess``), its largest-component
+decision is applied to the label maps (not to the probabilities) unless ``postprocess`` is off.
 The next case is read and preprocessed in a background thread while the current one runs.
 A failing case is recorded in ``OUT/failures.json``; the others still run.
 """
@@ -19,13 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.atomic import save_npz, write_json
-from segpipe.checkpoint import FINAL, load_model
 from segpipe.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
+from segpipe.ensemble import Members, load_members
 from segpipe.errors import StageFailed
 from segpipe.inference import predict_probabilities
 from segpipe.nifti import InputError, save_nifti
 from segpipe.paths import WorkDir
 from segpipe.plans import Configuration, Plans, load_plans
+from segpipe.postprocess import apply_postprocessing, load_decision
 from segpipe.preprocessing import PreprocessedCase, preprocess_case
 from segpipe.resampling import resample_probabilities
 
@@ -37,6 +40,7 @@ class PredictOptions:
     batch_windows: int = 1
     save_probabilities: bool = False
     overwrite: bool = False
+    postprocess: bool = True  # apply WORK/<config>/postprocessing.json when it exists
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,17 +98,23 @@ def predict_case_probabilities(
     return restore_geometry(total / len(models), pre)
 
 
-def write_prediction(out_dir: Path, data: CaseData, probs: np.ndarray, labels: list[int], save_probs: bool) -> None:
-    """Argmax to label values and write NIfTI in the input geometry (and probabilities if asked)."""
+def write_prediction(
+    out_dir: Path,
+    data: CaseData,
+    probs: np.ndarray,
+    labels: list[int],
+    save_probs: bool,
+    postprocessing: dict | None = None,
+) -> None:
+    """Argmax of ``probs`` ``(C, X, Y, Z)`` to label values, apply the ``postprocessing`` decision (if
+    any) to the label map, and write NIfTI in the input geometry (and the raw probabilities if asked)."""
     values = np.array([0, *labels], dtype=np.uint8)
     seg = values[probs.argmax(axis=0)]
+    if postprocessing:
+        seg = apply_postprocessing(seg, postprocessing)
     if save_probs:
         save_npz(out_dir / f"{data.case_id}.npz", probabilities=probs.astype(np.float16))
     save_nifti(out_dir / f"{data.case_id}.nii.gz", seg, data.reference.affine, data.reference.header, np.uint8)
-
-
-def load_fold_models(work: Path, plans: Plans, config: Configuration, folds: list[int], device: torch.device) -> list[nn.Module]:
-    return [load_model(WorkDir(work).run(config.name, f), plans, config, device, FINAL) for f in folds]
 
 
 def predict_folder(
@@ -112,7 +122,7 @@ def predict_folder(
     output_dir: Path,
     work: Path,
     config_name: str,
-    folds: list[int],
+    members: Members,
     options: PredictOptions,
     device: str = "auto",
     cases: list[CaseFiles] | None = None,
@@ -121,7 +131,8 @@ def predict_folder(
     dev = resolve_device(device)
     plans = load_plans(WorkDir(work).plans)
     config = plans.configuration(config_name)
-    models = load_fold_models(work, plans, config, folds, dev)
+    models = load_members(work, plans, config, members, dev)
+    decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
     problems: dict[str, str] = {}
     if cases is None:
         cases, listing_problems = list_prediction_inputs(input_dir, len(plans.channel_names))
@@ -145,7 +156,7 @@ def predict_folder(
             try:
                 data, pre = current.result()
                 probs = predict_case_probabilities(models, pre, plans, config, options, dev)
-                write_prediction(output_dir, data, probs, plans.foreground_labels, options.save_probabilities)
+                write_prediction(output_dir, data, probs, plans.foreground_labels, options.save_probabilities, decision)
             except (InputError, ValueError, RuntimeError, OSError) as exc:
                 problems[case.case_id] = str(exc)
     summary = {
@@ -153,6 +164,7 @@ def predict_folder(
         "skipped": len(cases) - len(todo),
         "failed": len(problems),
         "seconds": round(time.perf_counter() - start, 2),
+        "postprocessing": decision is not None,
     }
     failures_path = output_dir / "failures.json"
     if problems:

@@ -2,10 +2,11 @@
 
 Fourth stage: reads ``WORK/dataset.json`` and ``WORK/plans.json`` and the raw images, writes one
 folder per configuration spacing under ``WORK/preprocessed/`` with, per case, an uncompressed
-``(C, X, Y, Z)`` float32 ``.npy`` image (memory-mappable), an ``(X, Y, Z)`` int8 ``_seg.npy``
-of class indices (label values mapped to 0..K in ascending order), ``_fg.npz`` with sampled foreground voxel coordinates per class, and a ``.json`` of
-properties (written last: it marks the case complete). Inference calls :func:`preprocess_case` on
-new images so they see exactly the training-time pipeline.
+``(C, X, Y, Z)`` float32 ``.npy`` image (memory-mappable), an ``(X, Y, Z)`` int8 ``_seg.npy`` of class
+indices (label values mapped to 0..K in ascending order), ``_fg.npz`` with sampled foreground voxel
+coordinates per class, and a ``.json`` of properties (written last: it marks the case complete).
+Inference calls :func:`preprocess_case` on new images so they see exactly the training-time
+pipeline.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class PreprocessedCase:
     properties: CaseProperties
 
 
-def preprocess_case(data: CaseData, plans: Plans, config: Configuration, files: CaseFiles | None = None) -> PreprocessedCase:
+def preprocess_case(
+    data: CaseData, plans: Plans, config: Configuration, files: CaseFiles | None = None
+) -> PreprocessedCase:
     """Crop, normalize and resample one case in memory."""
     box = nonzero_bbox(data.image)
     sl = tuple(slice(lo, hi) for lo, hi in box)

@@ -51,9 +51,7 @@ def _resample_volume(volume: np.ndarray, shape: Sequence[int], order: int, axis:
     return np.moveaxis(slices, 0, axis)
 
 
-def resample_image(
-    image: np.ndarray, spacing: Sequence[float], target: Sequence[float], order: int = 3
-) -> np.ndarray:
+def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float], order: int = 3) -> np.ndarray:
     """Resample a ``(C, X, Y, Z)`` image from ``spacing`` to ``target`` mm."""
     shape = resampled_shape(image.shape[1:], spacing, target)
     axis = separate_axis(spacing, target)

@@ -29,7 +29,9 @@ def make_splits(case_ids: list[str], num_folds: int, seed: int) -> list[dict[str
     return out
 
 
-def load_or_create_splits(path: str | Path, case_ids: list[str], num_folds: int, seed: int) -> list[dict[str, list[str]]]:
+def load_or_create_splits(
+    path: str | Path, case_ids: list[str], num_folds: int, seed: int
+) -> list[dict[str, list[str]]]:
     """Read the splits file, or create it the first time. Errors name the file."""
     path = Path(path)
     if path.exists():

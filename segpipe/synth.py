@@ -79,10 +79,7 @@ def generate_case(
     affine = _random_affine(rng, case_spacing, case_shape)
 
     # Physical coordinates (mm) of voxel centres relative to the volume centre, per axis.
-    axes = [
-        (np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp)
-        for n, sp in zip(case_shape, case_spacing)
-    ]
+    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp) for n, sp in zip(case_shape, case_spacing)]
     extent = np.asarray(case_shape) * case_spacing
     body_radii = extent / 2 * rng.uniform(0.78, 0.9, size=3)
     body = _body_mask(rng, axes, body_radii)

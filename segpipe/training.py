@@ -9,6 +9,7 @@ uses them. Validation export after training lives in :mod:`segpipe.validation`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe import runlog
+from segpipe.atomic import read_json
 from segpipe.augment import AUGMENTATIONS, Augmenter
 from segpipe.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from segpipe.losses import DeepSupervisionDiceCE
@@ -30,8 +32,9 @@ from segpipe.plans import Configuration, Plans, TrainingSettings, load_plans
 from segpipe.predict import amp_dtype_for, resolve_device
 from segpipe.preprocessing import list_preprocessed
 from segpipe.sampling import PatchBatches, SamplerSpec, make_loader
-from segpipe.schedules import learning_rate, training_progress
+from segpipe.schedules import cycle_ends, learning_rate, training_progress
 from segpipe.serialization import from_dict, to_dict
+from segpipe.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snapshot_path
 from segpipe.splits import load_or_create_splits
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation patches differ from training patches of the same epoch
@@ -45,6 +48,7 @@ class RunState:
     iteration: int = 0
     seconds: float = 0.0  # training wall time spent (resumes add to it)
     done: bool = False
+    snapshots: int = 0  # cycle-end snapshots taken
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TrainingRun:
     augmenter: Augmenter
     time_budget: float | None
     state: RunState = field(default_factory=RunState)
+    swa: WeightAverage | None = None
 
     @property
     def total_iterations(self) -> int:
@@ -128,7 +133,11 @@ def setup(
 
     def spec(ids: list[str]) -> SamplerSpec:
         return SamplerSpec(
-            folder, ids, config.patch_size, config.batch_size, settings.oversample_foreground,
+            folder,
+            ids,
+            config.patch_size,
+            config.batch_size,
+            settings.oversample_foreground,
             list(range(1, plans.num_classes)),
         )
 
@@ -147,6 +156,7 @@ def setup(
         val_spec=spec(split["val"]),
         augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), len(plans.channel_names)),
         time_budget=time_budget,
+        swa=WeightAverage() if settings.swa else None,
     )
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -154,10 +164,20 @@ def setup(
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         run.state = RunState(**ckpt["state"])
+        if run.swa is not None and ckpt.get("swa"):
+            run.swa.load_state_dict(ckpt["swa"])
         # more epochs on a finished run extend it
         run.state.done = run.state.done and run.progress() >= 1.0
         runlog.truncate_after(run_dir / "log.csv", run.state.epoch)
     return run
+
+
+def num_folds(work: Path, requested: int | None = None) -> int:
+    """Folds of ``WORK/splits.json`` if it exists, else the requested or planned number."""
+    wd = WorkDir(work)
+    if wd.splits.exists():
+        return len(read_json(wd.splits))
+    return requested or load_plans(wd.plans).training.num_folds
 
 
 def _checkpoint(run: TrainingRun) -> dict[str, Any]:
@@ -171,23 +191,65 @@ def _checkpoint(run: TrainingRun) -> dict[str, Any]:
         "config": run.config.name,
         "plans_hash": run.plans.fingerprint_hash(),
         "rng": rng_state(),
+        "swa": run.swa.state_dict() if run.swa is not None else None,
     }
 
 
 def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> float:
-    """One optimizer step on a batch; returns the loss."""
+    """Forward and backward on one batch; the optimizer steps every ``accumulate`` batches (the loss
+    is scaled by 1/``accumulate`` so accumulated gradients equal a large batch's). Returns the loss."""
+    accumulate = max(1, run.settings.accumulate)
     image = batch["image"].to(run.device, non_blocking=True)
     label = batch["label"].to(run.device, non_blocking=True).long()
-    run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         logits = run.model(image)
     loss = run.loss(logits, label)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    run.scaler.scale(loss / accumulate).backward()
+    if (run.state.iteration + 1) % accumulate == 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def take_snapshot(run: TrainingRun, epoch: int) -> None:
+    """Save the weights at a cycle end with their validation pseudo-Dice; feed the SWA average."""
+    metrics = validate(run, epoch)
+    run.state.snapshots += 1
+    path = snapshot_path(run.run_dir, run.state.snapshots)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        path,
+        {
+            "model": run.model.state_dict(),
+            "settings": to_dict(run.settings),
+            "state": to_dict(run.state),
+            "progress": run.progress(),
+            "validation": metrics,
+        },
+    )
+    if run.swa is not None:
+        run.swa.update(run.model)
+    tqdm.write(f"snapshot {run.state.snapshots} at {run.progress():.0%}: pseudo-Dice {metrics['mean_dice']:.4f}")
+
+
+def save_swa(run: TrainingRun) -> None:
+    """Write ``swa.pt``: the averaged weights (BN statistics recomputed when the model has any)."""
+    if run.swa is None or run.swa.count == 0:
+        return
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(run.swa.weights_for(model))
+    if has_batch_norm(model):
+        data = PatchBatches(run.train_spec, 50, run.settings.seed, 10**6, None)
+        torch.optim.swa_utils.update_bn(
+            (b["image"].to(run.device) for b in make_loader(data, 0, False)), model, device=run.device
+        )
+    save_checkpoint(
+        run.run_dir / SWA_FILE,
+        {"model": model.state_dict(), "settings": to_dict(run.settings), "swa_count": run.swa.count},
+    )
 
 
 @torch.no_grad()
@@ -233,8 +295,11 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
         started = time.perf_counter()
         seconds_before = run.state.seconds
         losses: list[float] = []
-        bar = tqdm(loader, total=settings.iters_per_epoch, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            loader, total=settings.iters_per_epoch, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True, leave=False
+        )
         lr = learning_rate(run.progress(), settings)
+        ends = cycle_ends(settings)
         for batch in bar:
             lr = learning_rate(run.progress(), settings)
             for group in run.optimizer.param_groups:
@@ -243,12 +308,16 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             run.state.iteration += 1
             run.state.seconds = seconds_before + time.perf_counter() - started
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
+            if run.state.snapshots < len(ends) and run.progress() >= ends[run.state.snapshots] - 1e-12:
+                take_snapshot(run, epoch)
             if run.progress() >= 1.0:
                 run.state.done = True
                 break
         with contextlib.suppress(Exception):
             bar.close()
         metrics = validate(run, epoch)
+        if run.swa is not None and not ends and run.progress() >= 1 - settings.cyclic_fraction:
+            run.swa.update(run.model)  # non-cyclic schedules: average the epoch ends of the final part
         run.state.seconds = seconds_before + time.perf_counter() - started
         run.state.epoch += 1
         row = {
@@ -268,4 +337,5 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             f"pseudo-Dice {metrics['mean_dice']:.4f}, lr {lr:.2e}, {row['epoch_seconds']} s"
         )
     save_checkpoint(run.run_dir / FINAL, _checkpoint(run))
+    save_swa(run)
     return run.state

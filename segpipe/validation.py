@@ -1,7 +1,14 @@
 """After training: predict the fold's held-out cases with the full inference path and score them.
 
-Reads the run folder's final checkpoint and ``WORK/dataset.json`` (raw images and labels); writes
-``fold_<k>/validation/<case>.nii.gz``, ``<case>.npz`` probabilities and ``summary.json``.
+Reads the run folder's checkpoints and ``WORK/dataset.json`` (raw images and labels); writes one
+folder per candidate model of the fold, each with ``<case>.nii.gz``, ``<case>.npz`` probabilities
+and ``summary.json``:
+
+    fold_k/validation/             the final weights
+    fold_k/validation_swa/         the SWA weights (when trained with --swa)
+    fold_k/validation_snapshots/   the ensemble of all cycle snapshots (cyclic schedules)
+
+Ensembling, postprocessing and reports work from these out-of-fold files without retraining.
 """
 
 from __future__ import annotations
@@ -10,23 +17,42 @@ from pathlib import Path
 
 from segpipe.atomic import read_json
 from segpipe.dataset import Dataset
+from segpipe.ensemble import Members
 from segpipe.evaluation import evaluate_folder
-from segpipe.paths import WorkDir
+from segpipe.paths import VALIDATION_FOLDERS, WorkDir
 from segpipe.plans import load_plans
 from segpipe.predict import PredictOptions, predict_folder
+from segpipe.snapshots import SWA_FILE, list_snapshots
+
+CANDIDATE_FOLDERS = VALIDATION_FOLDERS
+
+
+def fold_candidates(run_dir: Path, fold: int) -> dict[str, Members]:
+    """The models of one fold worth comparing: final weights, SWA, snapshot ensemble."""
+    out = {"final": Members([fold])}
+    if (run_dir / SWA_FILE).exists():
+        out["swa"] = Members([fold], weights="swa")
+    if len(list_snapshots(run_dir)) > 1:
+        out["snapshots"] = Members([fold], snapshots="all")
+    return out
 
 
 def validate_fold(work: Path, config_name: str, fold: int, device: str = "auto", tta: bool = True) -> dict:
-    """Predict and evaluate the validation cases of one fold; returns the evaluation summary."""
+    """Predict and evaluate the validation cases of one fold for every candidate; returns the final
+    weights' evaluation summary."""
     wd = WorkDir(work)
     plans = load_plans(wd.plans)
     dataset = Dataset.from_dict(read_json(wd.dataset))
     val_ids = set(read_json(wd.splits)[fold]["val"])
     cases = [c for c in dataset.training if c.case_id in val_ids]
-    out = wd.run(config_name, fold) / "validation"
-    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True)
-    predict_folder(out, out, work, config_name, [fold], options, device, cases=cases)
-    gt_dir = Path(cases[0].label).parent if cases and cases[0].label else None
-    if gt_dir is None:
-        raise FileNotFoundError("validation cases have no label files")
-    return evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
+    if not cases or not cases[0].label:
+        raise FileNotFoundError(f"fold {fold} has no labelled validation cases")
+    gt_dir = Path(cases[0].label).parent
+    run_dir = wd.run(config_name, fold)
+    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False)
+    summaries = {}
+    for name, members in fold_candidates(run_dir, fold).items():
+        out = run_dir / CANDIDATE_FOLDERS[name]
+        predict_folder(out, out, work, config_name, members, options, device, cases=cases)
+        summaries[name] = evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
+    return summaries["final"]

@@ -18,6 +18,7 @@ from torch import nn
 
 import segpipe.predict as predict_module
 from segpipe.dataset import CaseFiles, read_case
+from segpipe.ensemble import Members
 from segpipe.inference import (
     gaussian_importance,
     mirror_combinations,
@@ -315,9 +316,9 @@ def test_predict_folder_writes_input_geometry(tmp_path: Path, monkeypatch: pytes
     plans = _plans(list(spacing), list(shape))
     save_plans(plans, work / "plans.json")
     model = NearestValue(_normalized_class_values(label))
-    monkeypatch.setattr(predict_module, "load_fold_models", lambda *args, **kwargs: [model])
+    monkeypatch.setattr(predict_module, "load_members", lambda *args, **kwargs: [model])
     out = tmp_path / "out"
-    summary = predict_folder(inputs, out, work, FULLRES, [0], PredictOptions(), device="cpu")
+    summary = predict_folder(inputs, out, work, FULLRES, Members([0]), PredictOptions(), device="cpu")
     assert summary["predicted"] == 1 and summary["failed"] == 0
     written = nib.load(str(out / "case_001.nii.gz"))
     assert written.shape == shape

@@ -44,9 +44,7 @@ def test_msd_layout_and_dataset_json(dataset: Path) -> None:
         "label": "./labelsTr/synth_000.nii.gz",
     }
     assert meta["test"] == ["./imagesTs/synth_003.nii.gz", "./imagesTs/synth_004.nii.gz"]
-    listed = (
-        {e["image"] for e in meta["training"]} | {e["label"] for e in meta["training"]} | set(meta["test"])
-    )
+    listed = {e["image"] for e in meta["training"]} | {e["label"] for e in meta["training"]} | set(meta["test"])
     on_disk = {f"./{p.relative_to(dataset)}" for p in dataset.rglob("*.nii.gz")}
     assert listed == on_disk  # everything listed exists, nothing unlisted (no temp files left)
     assert not (dataset / "labelsTs").exists()

@@ -220,7 +220,7 @@ def test_resume_after_kill_continues_from_checkpoint(resumed_run: ResumedRun) ->
     out = resumed_run.resume_output
     for epoch in range(3):
         assert (f"epoch {epoch}: loss" in out) == (epoch >= k), (epoch, k, out)
-    assert "trained 12 iterations" in out
+    assert "fold 0: 12 iterations" in out
 
     run_dir = resumed_run.work / CONFIG / "fold_0"
     columns, rows = read_log(run_dir)
