@@ -92,7 +92,7 @@ def plan(dataset: Path, work: Path, preset: str, workers: int | None) -> None:
 
     try:
         plans = run_plan(dataset, work, preset, _workers(workers))
-    except (StageFailed, InputError, FileNotFoundError, ValueError) as exc:
+    except (StageFailed, InputError, OSError, ValueError) as exc:
         _fail(exc)
     click.echo(describe_plans(plans))
 
@@ -121,7 +121,7 @@ def preprocess(
         if not WorkDir(work).plans.exists():
             click.echo(describe_plans(run_plan(dataset, work, preset, _workers(workers))))
         summary = run_preprocessing(work, configs.split(",") if configs else None, _workers(workers), overwrite)
-    except (StageFailed, InputError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (StageFailed, InputError, OSError, ValueError, KeyError) as exc:
         _fail(exc)
     click.echo(f"preprocessed {summary} in {time.perf_counter() - start:.1f} s")
 
@@ -133,7 +133,7 @@ def _folds(value: str) -> list[int]:
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
 @click.option("--config", default="3d_fullres", show_default=True, help="Configuration to train.")
-@click.option("--fold", required=True, help="Fold to train (0..K-1), or 'all' for every fold in sequence.")
+@click.option("--fold", required=True, help="Fold to train (0..K-1), several (0,2), or 'all': in sequence.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default from plans: 1000).")
 @click.option("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
 @click.option("--val-iters", type=int, default=None, help="Validation batches per epoch (default 50).")
@@ -154,6 +154,8 @@ def _folds(value: str) -> list[int]:
     "--resume", is_flag=True, help="Continue from the latest checkpoint (more --epochs extend a finished run)."
 )
 @click.option("--no-validation", is_flag=True, help="Skip predicting the fold's validation cases at the end.")
+@click.option("--no-val-tta", is_flag=True, help="Predict the validation cases without mirroring (8x faster on CPU).")
+@click.option("--gpus", default=None, help="GPU ids (0,1,2,3): train the folds in parallel, one process per GPU.")
 def train(
     work: Path,
     config: str,
@@ -162,26 +164,74 @@ def train(
     device: str,
     resume: bool,
     no_validation: bool,
+    no_val_tta: bool,
+    gpus: str | None,
     **overrides: object,
 ) -> None:
-    """Train one fold (or all); at the end predict its validation cases and write validation/summary.json."""
+    """Train one fold (or all); at the end predict its validation cases and write validation/summary.json.
+
+    Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
+    from segpipe import distributed
     from segpipe.evaluation import summary_table
     from segpipe.training import fit, num_folds, setup
     from segpipe.validation import validate_fold
 
     try:
-        folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else [int(fold)]
+        folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
+        if gpus:
+            _train_on_gpus(work, config, folds, _folds(gpus), device)
+            return
+        dist = distributed.init(device)
         for f in folds:
-            run = setup(work, config, f, overrides, time_budget, device, resume)
+            run = setup(work, config, f, overrides, time_budget, device, resume, dist)
             state = fit(run)
-            click.echo(
-                f"fold {f}: {state.iteration} iterations in {state.seconds:.0f} s "
-                f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}"
-            )
+            if dist.is_main:
+                click.echo(
+                    f"fold {f}: {state.iteration} iterations in {state.seconds:.0f} s "
+                    f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}"
+                )
             if not no_validation:
-                click.echo(summary_table(validate_fold(work, config, f, device)))
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+                summary = validate_fold(work, config, f, device, tta=not no_val_tta, dist=dist)
+                if dist.is_main:
+                    click.echo(summary_table(summary))
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         _fail(exc)
+    finally:
+        distributed.cleanup()
+
+
+def _train_on_gpus(work: Path, config: str, folds: list[int], gpus: list[int], device: str) -> None:
+    """``train --gpus``: this same command once per GPU, each with its round-robin share of the folds."""
+    import torch
+
+    from segpipe.distributed import from_env
+    from segpipe.fold_launcher import check_gpus, plan_jobs, run_jobs
+
+    check_gpus(gpus, torch.cuda.device_count(), device, from_env().enabled)
+    command = _repeat_command(click.get_current_context(), {"fold", "gpus"})
+    argv = [sys.executable, str(Path(__file__).resolve()), *command]
+    run_jobs(plan_jobs(argv, folds, gpus, work / config / "logs"), echo=click.echo)
+    click.echo(f"trained folds {','.join(map(str, folds))} on GPUs {','.join(map(str, gpus))}")
+
+
+def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
+    """The command line that ``ctx`` parsed (command name, arguments, options that were given), without
+    the options named in ``leave_out``: to start the same command in a child process."""
+    from click.core import ParameterSource
+
+    args: list[str] = [ctx.info_name or ""]
+    for param in ctx.command.params:
+        name = param.name or ""
+        value = ctx.params.get(name)
+        if name in leave_out or value is None or ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif isinstance(param, click.Option) and param.is_flag:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 @main.command()
@@ -202,6 +252,13 @@ def train(
     help="Windows per forward pass (each with all its mirrorings).",
 )
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--device-memory-limit",
+    type=float,
+    default=None,
+    help="MB a case's accumulators may take on the device; beyond it they stay on the CPU "
+    "(default: env SEGPIPE_DEVICE_MEMORY_LIMIT_MB, else 60% of the free GPU memory).",
+)
 @click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz with softmax probabilities.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose output exists.")
 @click.option("--no-postprocessing", is_flag=True, help="Ignore WORK/<config>/postprocessing.json.")
@@ -217,11 +274,17 @@ def predict(
     step: float,
     batch_windows: int,
     device: str,
+    device_memory_limit: float | None,
     save_probabilities: bool,
     overwrite: bool,
     no_postprocessing: bool,
 ) -> None:
-    """Predict every NIfTI in a folder; outputs have the inputs' exact geometry."""
+    """Predict every NIfTI in a folder; outputs have the inputs' exact geometry.
+
+    Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result."""
+    from datetime import timedelta
+
+    from segpipe import distributed
     from segpipe.ensemble import Members
     from segpipe.errors import StageFailed
     from segpipe.nifti import InputError
@@ -234,13 +297,18 @@ def predict(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         postprocess=not no_postprocessing,
+        device_memory_limit_mb=device_memory_limit,
     )
     try:
+        # the ranks meet once, at the end: rank 0 may wait long there for a rank with slower cases
+        dist = distributed.init(device, timeout=timedelta(hours=24))
         members = Members(_folds(folds), weights, snapshots)
-        summary = predict_folder(input_dir, output_dir, work, config, members, options, device)
-    except (StageFailed, InputError, FileNotFoundError, KeyError, RuntimeError, ValueError) as exc:
+        summary = predict_folder(input_dir, output_dir, work, config, members, options, device, dist=dist)
+    except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
         _fail(exc)
-    click.echo(f"predicted {summary}")
+    finally:
+        distributed.cleanup()
+    click.echo(f"{f'rank {dist.rank}: ' if dist.enabled else ''}predicted {summary}")
 
 
 @main.command()

@@ -2,7 +2,9 @@
 
 Every file segpipe writes goes to a temporary name in the same folder and is renamed over the
 target, so a process killed at any moment leaves either the old file or the new one, never a
-truncated one.
+truncated one. A killed process cannot remove its temporary file (``.NAME.PID.XXXXXXXX.tmp...``);
+each stage sweeps its output folders with :func:`remove_stale_temporaries` when it starts, which
+removes the temporary files of processes that no longer run.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -27,16 +33,51 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
         raise
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed processes left in ``folder``; return them.
+
+    Only files named by :func:`atomic_path` whose writing process is gone are removed, so a
+    concurrent writer on this machine keeps its file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        m = _TEMPORARY.match(path.name)
+        if m and path.is_file() and not _process_alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], suffix: str = "") -> None:

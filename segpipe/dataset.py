@@ -79,6 +79,12 @@ class CaseData:
     def spacing(self) -> tuple[float, ...]:
         return self.reference.spacing
 
+    def geometry_only(self) -> CaseData:
+        """This case without its voxel arrays: what writing an output in its geometry needs."""
+        empty = np.empty((0, 0, 0), np.float32)
+        reference = Volume(empty, self.reference.affine, self.reference.header, self.reference.path)
+        return CaseData(self.case_id, empty[None], None, reference)
+
 
 def load_dataset(root: str | Path) -> Dataset:
     """Read ``root/dataset.json`` and list the cases, detecting the layout.
@@ -238,14 +244,19 @@ def list_prediction_inputs(folder: str | Path, num_channels: int) -> tuple[list[
         name = strip_nifti_ending(p.name)
         if name not in grouped_ids:
             cases.append(CaseFiles(name, [str(p)]))
-    seen: dict[str, CaseFiles] = {}
-    unique = []
+    # a name given twice (CASE.nii and CASE.nii.gz, ...) is ambiguous: every file of it is skipped
+    by_name: dict[str, list[CaseFiles]] = {}
     for c in sorted(cases, key=lambda c: c.case_id):
-        if c.case_id in seen:
-            problems.append(InputError(c.images[0], f"case name {c.case_id!r} appears twice; skipped"))
+        by_name.setdefault(c.case_id, []).append(c)
+    unique = []
+    for name, group in by_name.items():
+        if len(group) == 1:
+            unique.append(group[0])
             continue
-        seen[c.case_id] = c
-        unique.append(c)
+        for c in group:
+            problems.append(
+                InputError(c.images[0], f"case name {name!r} appears {len(group)} times in the folder; skipped")
+            )
     return unique, problems
 
 
@@ -258,10 +269,14 @@ def _check_unique(cases: list[CaseFiles], meta_path: Path) -> None:
 
 
 def read_case(case: CaseFiles, num_channels: int, allowed_labels: set[int] | None = None) -> CaseData:
-    """Read and validate one case; raise the first problem (see :func:`inspect_case` for all)."""
+    """Read and validate one case; raise its problems as one :class:`InputError` naming the first
+    problem's file (the others follow in the message with their own files)."""
     data, problems = inspect_case(case, num_channels, allowed_labels)
-    if problems:
+    if len(problems) == 1:
         raise problems[0]
+    if problems:
+        others = "; ".join(str(p) for p in problems[1:])
+        raise InputError(problems[0].path, f"{problems[0].problem}; also {others}")
     assert data is not None
     return data
 
@@ -307,7 +322,9 @@ def inspect_case(
             label = _check_label(lab, reference, allowed_labels, problems)
     if problems or reference is None:
         return None, problems
-    image = np.stack(channels).astype(np.float32, copy=False)
+    # one channel: a view of the file's array, not a copy (CT-sized volumes are large)
+    image = channels[0][None] if len(channels) == 1 else np.stack(channels)
+    image = image.astype(np.float32, copy=False)
     return CaseData(case.case_id, image, label, reference), problems
 
 

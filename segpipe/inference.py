@@ -12,6 +12,7 @@ that can live on the CPU when the device is too small.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -21,6 +22,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from torch import nn
+
+log = logging.getLogger("segpipe")
+
+# Use at most this fraction of the device's free memory for one case's accumulators; the rest is
+# for the network's activations and the allocator's slack.
+DEVICE_MEMORY_FRACTION = 0.6
 
 
 def window_starts(size: int, patch: int, step: float) -> list[int]:
@@ -70,6 +77,43 @@ def pad_to_patch(image: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tenso
     return (F.pad(image, flat) if any(flat) else image), tuple(crop)
 
 
+def accumulator_bytes(shape: Sequence[int], num_classes: int, num_channels: int) -> int:
+    """Bytes that one case's sliding-window state takes on the accumulating device: the summed
+    probabilities (``num_classes`` float32 volumes), the summed weights (one) and the image
+    (``num_channels``), for a padded spatial ``shape``."""
+    return 4 * math.prod(int(s) for s in shape) * (num_classes + 1 + num_channels)
+
+
+def choose_accumulation_device(
+    need_bytes: int, device: torch.device | str, memory_limit_bytes: int | None = None
+) -> torch.device:
+    """Where to keep a case's accumulators: ``device`` when ``need_bytes`` fit, else the CPU (logged).
+
+    They fit when ``need_bytes`` (see :func:`accumulator_bytes`) is at most ``memory_limit_bytes`` (a
+    forced limit, checked whatever the device) or, without a limit, at most
+    ``DEVICE_MEMORY_FRACTION`` of a CUDA device's free memory; on the CPU nothing is checked.
+    With the CPU accumulating, only window batches and the network live on the device.
+    """
+    device = torch.device(device)
+    if memory_limit_bytes is not None:
+        available = float(memory_limit_bytes)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        available = (free + cached) * DEVICE_MEMORY_FRACTION
+    else:
+        return device
+    if need_bytes <= available:
+        return device
+    log.warning(
+        "accumulating on the CPU: need %.2f GB, device %s has %.2f GB for this case",
+        need_bytes / 1e9,
+        device,
+        available / 1e9,
+    )
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict_probabilities(
     model: nn.Module,
@@ -87,22 +131,24 @@ def predict_probabilities(
 
     ``batch_windows`` windows, each in every mirroring, go through the network in one batch; the
     softmax of each mirroring is un-mirrored, averaged and added with Gaussian weight, and the sum is
-    divided by the summed weights. ``accumulate_on``
-    places the accumulators (default: ``device``), e.g. the CPU for volumes too large for the GPU.
+    divided by the summed weights. ``accumulate_on`` places the accumulators and the image (default:
+    ``device``), e.g. the CPU for volumes too large for the GPU (see
+    :func:`choose_accumulation_device`); each window batch then travels to ``device`` and back.
     """
     device = torch.device(device)
     acc_device = torch.device(accumulate_on) if accumulate_on is not None else device
     padded, crop = pad_to_patch(image, patch)
     shape = padded.shape[1:]
     weight = gaussian_importance(patch).to(device)
+    acc_weight = weight.to(acc_device)
     probs = torch.zeros((num_classes, *shape), dtype=torch.float32, device=acc_device)
     weights = torch.zeros(shape, dtype=torch.float32, device=acc_device)
     mirrors = mirror_combinations(mirror_axes)
     windows = window_slices(shape, patch, step)
-    padded = padded.to(device)
+    padded = padded.to(acc_device)
     for first in range(0, len(windows), batch_windows):
         chunk = windows[first : first + batch_windows]
-        x = torch.stack([padded[(slice(None), *w)] for w in chunk])
+        x = torch.stack([padded[(slice(None), *w)] for w in chunk]).to(device)
         # all mirrorings of the chunk in one forward pass
         xin = torch.cat([x.flip([a + 2 for a in axes]) if axes else x for axes in mirrors])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -112,6 +158,6 @@ def predict_probabilities(
         summed = summed * (weight / len(mirrors))
         for w, s in zip(chunk, summed):
             probs[(slice(None), *w)] += s.to(acc_device)
-            weights[w] += weight.to(acc_device)
+            weights[w] += acc_weight
     probs /= weights
     return probs[(slice(None), *crop)]

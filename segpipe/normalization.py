@@ -23,7 +23,8 @@ def zscore(channel: np.ndarray, mask: np.ndarray | None, params: Normalization) 
     values = channel[mask] if mask is not None else channel
     mean = float(values.mean()) if values.size else 0.0
     std = float(values.std()) if values.size else 1.0
-    out = (channel - mean) / max(std, 1e-8)
+    out = channel - mean
+    out /= max(std, 1e-8)  # in place: one volume less at the peak
     if mask is not None:
         out[~mask] = 0
     return out.astype(np.float32, copy=False)

@@ -220,7 +220,7 @@ def run_plan(dataset_dir: str | Path, work: str | Path, preset_name: str, worker
     Every unreadable or invalid training case is reported at once (:class:`StageFailed`), and no
     plans are written then: plans from a silently reduced dataset would mislead.
     """
-    from segpipe.atomic import write_json
+    from segpipe.atomic import remove_stale_temporaries, write_json
     from segpipe.dataset import load_dataset
     from segpipe.errors import StageFailed
     from segpipe.fingerprint import compute_fingerprint
@@ -228,6 +228,7 @@ def run_plan(dataset_dir: str | Path, work: str | Path, preset_name: str, worker
     from segpipe.plans import load_preset, save_plans
 
     wd = WorkDir(work)
+    remove_stale_temporaries(wd.root)  # what a killed run left half-written
     preset = load_preset(preset_name)
     dataset = load_dataset(dataset_dir)
     fp = compute_fingerprint(dataset, workers)

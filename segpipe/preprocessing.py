@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.atomic import read_json, save_npy, save_npz, write_json
+from segpipe.atomic import read_json, remove_stale_temporaries, save_npy, save_npz, write_json
 from segpipe.dataset import CaseData, CaseFiles, Dataset, read_case
 from segpipe.errors import StageFailed
 from segpipe.fingerprint import nonzero_bbox
@@ -139,6 +139,8 @@ def run_preprocessing(work: str | Path, configs: list[str] | None, workers: int,
     unique: dict[str, str] = {}
     for name in names:
         unique.setdefault(plans.configuration(name).data_identifier, name)
+    for identifier in unique:  # what a killed run left half-written
+        remove_stale_temporaries(wd.preprocessed(identifier))
     items = [(c, plans.training.seed + i) for i, c in enumerate(dataset.training)]
     fn = partial(_preprocess_one, work=wd.root, configs=list(unique.values()), overwrite=overwrite)
     results, failures = map_cases(fn, items, workers, "preprocess", keys=[c.case_id for c in dataset.training])

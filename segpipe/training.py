@@ -4,6 +4,14 @@ Reads ``WORK/plans.json``, ``WORK/splits.json`` and ``WORK/preprocessed/``; writ
 ``WORK/<config>/fold_<k>/`` (checkpoints, ``log.csv``, ``progress.png``). :func:`setup` builds the
 ready parts (model, loss, optimizer, loaders) from the plans; :func:`fit` is the short loop that
 uses them. Validation export after training lives in :mod:`segpipe.validation`.
+
+Under torchrun (``dist`` from :func:`segpipe.distributed.init`) the planned batch is the global batch:
+each of the ``world_size`` ranks draws ``batch_size / world_size`` patches from its own rank-seeded
+sampler, DDP averages the gradients, and all ranks keep identical weights. Rank 0's clock decides the
+time budget for all; validation batches are split the same way and their counts summed over ranks;
+only rank 0 writes checkpoints, ``log.csv``, ``progress.png``, snapshots and ``swa.pt``. The Dice
+term is a batch Dice over each rank's share, so a DDP run matches one process with the global batch
+exactly for the cross-entropy term and approximately for the Dice term.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from segpipe import runlog
-from segpipe.atomic import read_json
+from segpipe import distributed, runlog
+from segpipe.atomic import read_json, remove_stale_temporaries
 from segpipe.augment import AUGMENTATIONS, Augmenter
 from segpipe.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from segpipe.distributed import SINGLE, DistInfo
 from segpipe.losses import DeepSupervisionDiceCE
 from segpipe.network import build_network
 from segpipe.paths import WorkDir
@@ -59,7 +68,7 @@ class TrainingRun:
     plans: Plans
     config: Configuration
     settings: TrainingSettings
-    model: nn.Module
+    model: nn.Module  # the plain network: checkpoints, validation, snapshots
     loss: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -71,6 +80,13 @@ class TrainingRun:
     time_budget: float | None
     state: RunState = field(default_factory=RunState)
     swa: WeightAverage | None = None
+    dist: DistInfo = SINGLE
+    ddp: nn.Module | None = None  # the DDP wrapper of ``model`` under torchrun
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What training steps call: the DDP wrapper (which averages gradients over ranks) or the model."""
+        return self.ddp if self.ddp is not None else self.model
 
     @property
     def total_iterations(self) -> int:
@@ -88,13 +104,16 @@ def setup(
     time_budget: float | None = None,
     device: str = "auto",
     resume: bool = False,
+    dist: DistInfo = SINGLE,
 ) -> TrainingRun:
-    """Build a run from the plans (and, with ``resume``, its latest checkpoint)."""
+    """Build a run from the plans (and, with ``resume``, its latest checkpoint); under DDP (``dist``)
+    every rank builds the same run with its share of the batch."""
     wd = WorkDir(work)
     plans = load_plans(wd.plans)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     config = plans.configuration(config_name)
     run_dir = wd.run(config_name, fold)
+    remove_stale_temporaries(run_dir)  # a checkpoint half-written by a killed run
     latest = run_dir / LATEST
     ckpt = None
     if resume and latest.exists():
@@ -113,12 +132,14 @@ def setup(
     cases = list_preprocessed(folder)
     if not cases:
         raise FileNotFoundError(f"{folder}: no preprocessed cases; run `segpipe preprocess` first")
-    splits = load_or_create_splits(wd.splits, cases, settings.num_folds, settings.seed)
+    with distributed.main_first(dist):  # rank 0 creates splits.json, the others read it
+        splits = load_or_create_splits(wd.splits, cases, settings.num_folds, settings.seed)
     if not 0 <= fold < len(splits):
         raise ValueError(f"fold {fold} does not exist: {wd.splits} has {len(splits)} folds")
     split = splits[fold]
 
-    dev = resolve_device(device)
+    dev = distributed.device_for(resolve_device(device), dist)
+    batch_size = distributed.per_rank_batch(config.batch_size, dist)
     torch.manual_seed(settings.seed + fold)
     model = build_network(config, len(plans.channel_names), plans.num_classes, settings.deep_supervision).to(dev)
     optimizer = torch.optim.SGD(
@@ -136,8 +157,8 @@ def setup(
             folder,
             ids,
             config.patch_size,
-            config.batch_size,
-            settings.oversample_foreground,
+            batch_size,
+            distributed.per_rank_oversample(config.batch_size, settings.oversample_foreground, dist),
             list(range(1, plans.num_classes)),
         )
 
@@ -157,6 +178,7 @@ def setup(
         augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), len(plans.channel_names)),
         time_budget=time_budget,
         swa=WeightAverage() if settings.swa else None,
+        dist=dist,
     )
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -168,7 +190,9 @@ def setup(
             run.swa.load_state_dict(ckpt["swa"])
         # more epochs on a finished run extend it
         run.state.done = run.state.done and run.progress() >= 1.0
-        runlog.truncate_after(run_dir / "log.csv", run.state.epoch)
+        if dist.is_main:
+            runlog.truncate_after(run_dir / "log.csv", run.state.epoch)
+    run.ddp = distributed.wrap(model, dist, dev) if dist.enabled else None
     return run
 
 
@@ -199,13 +223,15 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> float:
     """Forward and backward on one batch; the optimizer steps every ``accumulate`` batches (the loss
     is scaled by 1/``accumulate`` so accumulated gradients equal a large batch's). Returns the loss."""
     accumulate = max(1, run.settings.accumulate)
+    stepping = (run.state.iteration + 1) % accumulate == 0
     image = batch["image"].to(run.device, non_blocking=True)
     label = batch["label"].to(run.device, non_blocking=True).long()
-    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        logits = run.model(image)
-    loss = run.loss(logits, label)
-    run.scaler.scale(loss / accumulate).backward()
-    if (run.state.iteration + 1) % accumulate == 0:
+    with distributed.sync_gradients(run.forward_model, now=stepping):
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            logits = run.forward_model(image)
+        loss = run.loss(logits, label)
+        run.scaler.scale(loss / accumulate).backward()
+    if stepping:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
         run.scaler.step(run.optimizer)
@@ -218,6 +244,10 @@ def take_snapshot(run: TrainingRun, epoch: int) -> None:
     """Save the weights at a cycle end with their validation pseudo-Dice; feed the SWA average."""
     metrics = validate(run, epoch)
     run.state.snapshots += 1
+    if run.swa is not None:
+        run.swa.update(run.model)
+    if not run.dist.is_main:
+        return
     path = snapshot_path(run.run_dir, run.state.snapshots)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
@@ -230,8 +260,6 @@ def take_snapshot(run: TrainingRun, epoch: int) -> None:
             "validation": metrics,
         },
     )
-    if run.swa is not None:
-        run.swa.update(run.model)
     tqdm.write(f"snapshot {run.state.snapshots} at {run.progress():.0%}: pseudo-Dice {metrics['mean_dice']:.4f}")
 
 
@@ -254,9 +282,11 @@ def save_swa(run: TrainingRun) -> None:
 
 @torch.no_grad()
 def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
-    """Validation loss and pseudo-Dice per label on sampled validation patches (no augmentation)."""
+    """Validation loss and pseudo-Dice per label on sampled validation patches (no augmentation).
+    Under DDP each rank validates its share of every batch and the counts are summed over ranks."""
     run.model.eval()
-    data = PatchBatches(run.val_spec, run.settings.val_iters, run.settings.seed + VALIDATION_SEED_OFFSET, epoch, None)
+    seed = run.settings.seed + VALIDATION_SEED_OFFSET
+    data = PatchBatches(run.val_spec, run.settings.val_iters, seed, epoch, None, rank=run.dist.rank)
     labels = run.plans.foreground_labels
     tp, fp, fn = (np.zeros(len(labels)) for _ in range(3))
     losses = []
@@ -274,29 +304,44 @@ def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
             fp[i] += float((p & ~t).sum())
             fn[i] += float((~p & t).sum())
     run.model.train()
+    n = len(labels)
+    totals = distributed.all_reduce_sum(np.r_[tp, fp, fn, sum(losses), len(losses)])
+    tp, fp, fn, (loss_sum, batches) = totals[:n], totals[n : 2 * n], totals[2 * n : 3 * n], totals[3 * n :]
     denom = 2 * tp + fp + fn
     dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
-    out = {"val_loss": float(np.mean(losses)) if losses else math.nan}
+    out = {"val_loss": float(loss_sum / batches) if batches else math.nan}
     out.update({f"dice_{v}": float(d) for v, d in zip(labels, dice)})
     out["mean_dice"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
     return out
 
 
+def train_batches(run: TrainingRun, epoch: int) -> PatchBatches:
+    """The epoch's training batches of this rank (under DDP each rank draws its own: seeded by rank)."""
+    settings = run.settings
+    return PatchBatches(run.train_spec, settings.iters_per_epoch, settings.seed, epoch, run.augmenter, run.dist.rank)
+
+
 def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
-    """Train until progress reaches 1; checkpoint, log and plot after every epoch."""
+    """Train until progress reaches 1; checkpoint, log and plot after every epoch (under DDP: rank 0)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     settings = run.settings
+    main = run.dist.is_main
     workers = settings.num_workers if num_workers is None else num_workers
     run.model.train()
     while not run.state.done:
         epoch = run.state.epoch
-        data = PatchBatches(run.train_spec, settings.iters_per_epoch, settings.seed, epoch, run.augmenter)
-        loader = make_loader(data, workers, pin_memory=run.device.type == "cuda")
+        loader = make_loader(train_batches(run, epoch), workers, pin_memory=run.device.type == "cuda")
         started = time.perf_counter()
         seconds_before = run.state.seconds
         losses: list[float] = []
         bar = tqdm(
-            loader, total=settings.iters_per_epoch, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True, leave=False
+            loader,
+            total=settings.iters_per_epoch,
+            desc=f"epoch {epoch}",
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not main,
         )
         lr = learning_rate(run.progress(), settings)
         ends = cycle_ends(settings)
@@ -306,7 +351,8 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
                 group["lr"] = lr
             losses.append(train_step(run, batch))
             run.state.iteration += 1
-            run.state.seconds = seconds_before + time.perf_counter() - started
+            # all ranks follow rank 0's clock, so that they stop at the same iteration
+            run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
             if run.state.snapshots < len(ends) and run.progress() >= ends[run.state.snapshots] - 1e-12:
                 take_snapshot(run, epoch)
@@ -318,12 +364,15 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
         metrics = validate(run, epoch)
         if run.swa is not None and not ends and run.progress() >= 1 - settings.cyclic_fraction:
             run.swa.update(run.model)  # non-cyclic schedules: average the epoch ends of the final part
-        run.state.seconds = seconds_before + time.perf_counter() - started
+        run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
         run.state.epoch += 1
+        train_loss = distributed.mean_over_ranks(float(np.mean(losses)) if losses else math.nan)
+        if not main:
+            continue
         row = {
             "epoch": epoch,
             "iteration": run.state.iteration,
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_loss": train_loss,
             **metrics,
             "lr": lr,
             "epoch_seconds": round(time.perf_counter() - started, 2),
@@ -336,6 +385,8 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
             f"pseudo-Dice {metrics['mean_dice']:.4f}, lr {lr:.2e}, {row['epoch_seconds']} s"
         )
-    save_checkpoint(run.run_dir / FINAL, _checkpoint(run))
-    save_swa(run)
+    if main:
+        save_checkpoint(run.run_dir / FINAL, _checkpoint(run))
+        save_swa(run)
+    distributed.barrier()  # the other ranks go on once rank 0's files are written
     return run.state

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from segpipe.atomic import read_json
 from segpipe.dataset import Dataset
+from segpipe.distributed import SINGLE, DistInfo
 from segpipe.ensemble import Members
 from segpipe.evaluation import evaluate_folder
 from segpipe.paths import VALIDATION_FOLDERS, WorkDir
@@ -37,9 +38,12 @@ def fold_candidates(run_dir: Path, fold: int) -> dict[str, Members]:
     return out
 
 
-def validate_fold(work: Path, config_name: str, fold: int, device: str = "auto", tta: bool = True) -> dict:
+def validate_fold(
+    work: Path, config_name: str, fold: int, device: str = "auto", tta: bool = True, dist: DistInfo = SINGLE
+) -> dict | None:
     """Predict and evaluate the validation cases of one fold for every candidate; returns the final
-    weights' evaluation summary."""
+    weights' evaluation summary. Under DDP (``dist``) the ranks share the cases and rank 0 evaluates
+    (the other ranks return None)."""
     wd = WorkDir(work)
     plans = load_plans(wd.plans)
     dataset = Dataset.from_dict(read_json(wd.dataset))
@@ -53,6 +57,7 @@ def validate_fold(work: Path, config_name: str, fold: int, device: str = "auto",
     summaries = {}
     for name, members in fold_candidates(run_dir, fold).items():
         out = run_dir / CANDIDATE_FOLDERS[name]
-        predict_folder(out, out, work, config_name, members, options, device, cases=cases)
-        summaries[name] = evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
-    return summaries["final"]
+        predict_folder(out, out, work, config_name, members, options, device, cases=cases, dist=dist)
+        if dist.is_main:
+            summaries[name] = evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
+    return summaries.get("final")
