@@ -146,14 +146,16 @@ def average_probabilities(
             accumulate_on=accumulate_on,
             amp_dtype=amp_dtype_for(device),
         )
-        if total is None:
-            total = p
-        else:
-            total += p
-            del p
+        with torch.inference_mode():  # p is an inference tensor: sum it in place inside that mode
+            if total is None:
+                total = p
+            else:
+                total += p
+                del p
     assert total is not None
     if len(models) > 1:
-        total /= len(models)
+        with torch.inference_mode():
+            total /= len(models)
     return total
 
 

@@ -249,12 +249,13 @@ def _normalized_class_values(label: np.ndarray) -> list[float]:
 class NearestValue(nn.Module):
     """Logit of class c = -20 (x - v_c)^2: the argmax is the class whose normalized value is nearest."""
 
-    def __init__(self, values: list[float]):
+    def __init__(self, values: list[float], scale: float = 20.0):
         super().__init__()
         self.values = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -20.0 * (x - self.values) ** 2
+        return -self.scale * (x - self.values) ** 2
 
 
 def _dice(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -360,3 +361,21 @@ def test_write_prediction_maps_classes_to_label_values(tmp_path: Path) -> None:
     seg = np.asarray(nib.load(str(tmp_path / "c.nii.gz")).dataobj)
     assert seg[:, :, 0].tolist() == [[0, 3], [7, 7]]
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_ensemble_of_models_averages_their_probabilities(tmp_path: Path) -> None:
+    """Several members (folds, snapshots) are summed in place and divided: the mean of each alone."""
+    shape = (20, 18, 14)
+    label = _label_volume(shape)
+    case = _write_case(tmp_path, label, (1.0, 1.0, 1.0))
+    plans = _plans([1.0, 1.0, 1.0], list(shape))
+    config = plans.configuration(FULLRES)
+    pre = preprocess_case(read_case(case, 1), plans, config, case)
+    sharp = NearestValue(_normalized_class_values(label))
+    soft = NearestValue(_normalized_class_values(label), scale=0.05)  # a much flatter softmax
+    options, cpu = PredictOptions(tta=False), torch.device("cpu")
+    p_sharp = predict_case_probabilities([sharp], pre, plans, config, options, cpu)
+    p_soft = predict_case_probabilities([soft], pre, plans, config, options, cpu)
+    both = predict_case_probabilities([sharp, soft], pre, plans, config, options, cpu)
+    assert not np.allclose(p_sharp, p_soft, atol=1e-3)
+    np.testing.assert_allclose(both, (p_sharp + p_soft) / 2, atol=1e-6)
