@@ -27,8 +27,9 @@ from conftest import run_cli
 from segpipe.atomic import read_json
 from segpipe.checkpoint import FINAL, LATEST, load_checkpoint
 from segpipe.plans import TrainingSettings, load_plans
-from segpipe.schedules import learning_rate, poly, training_progress
-from segpipe.training import fit, setup
+from segpipe.schedules import cycle_ends, learning_rate, poly, sgdr_cycle_ends, training_progress
+from segpipe.snapshots import SWA_FILE, list_snapshots
+from segpipe.training import fit, setup, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "3d_fullres"
@@ -324,3 +325,93 @@ def test_training_progress_takes_the_further_of_iterations_and_time() -> None:
     assert training_progress(60, 100, 5.0, 100.0) == 0.6  # iterations are further
     assert training_progress(150, 100, 0.0, None) == 1.0  # clipped
     assert training_progress(0, 100, 250.0, 100.0) == 1.0
+
+
+def test_cosine_restarts_at_cycle_boundaries() -> None:
+    s = TrainingSettings(schedule="cosine", cycles=3, initial_lr=0.01, min_lr=0.001)
+    assert sgdr_cycle_ends(s) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert learning_rate(0.0, s) == pytest.approx(0.01)
+    assert learning_rate(1 / 6, s) == pytest.approx(0.001 + 0.009 * 0.5)  # half way down the first cycle
+    assert learning_rate(1 / 3 - 1e-9, s) == pytest.approx(0.001, abs=1e-9)  # bottom of cycle 1
+    assert learning_rate(1 / 3 + 1e-9, s) == pytest.approx(0.01, abs=1e-7)  # restart
+    assert learning_rate(1.0, s) == pytest.approx(0.001)
+
+
+def test_sgdr_cycle_mult_lengths() -> None:
+    s = TrainingSettings(schedule="cosine", cycles=3, cycle_mult=2.0)
+    ends = sgdr_cycle_ends(s)
+    lengths = np.diff([0.0, *ends])
+    assert lengths == pytest.approx([1 / 7, 2 / 7, 4 / 7])
+
+
+def test_cyclic_schedule_snapshots_at_low_points() -> None:
+    s = TrainingSettings(schedule="cyclic", cycles=3, cyclic_fraction=0.25, cyclic_lr_high=0.005, cyclic_lr_low=1e-4)
+    ends = cycle_ends(s)
+    assert ends[-1] == 1.0 and len(ends) == 3
+    assert ends == pytest.approx([0.75 + 0.05, 0.75 + 0.15, 1.0])  # cycle length 0.25 / 2.5 = 0.1
+    for p in ends:
+        assert learning_rate(p, s) == pytest.approx(1e-4)
+    assert learning_rate(0.75, s) == pytest.approx(0.005)  # top of the first cycle
+    assert learning_rate(0.85, s) == pytest.approx(0.005)  # top again between snapshots
+    assert learning_rate(0.0, s) == pytest.approx(s.initial_lr)
+    assert cycle_ends(TrainingSettings(schedule="poly")) == []
+
+
+def test_snapshots_at_cycle_ends_and_swa_is_their_mean(prepared_work: Path, tmp_path: Path) -> None:
+    work = copy_work(prepared_work, tmp_path / "w")
+    overrides = {
+        "epochs": 3,
+        "iters_per_epoch": 2,
+        "val_iters": 1,
+        "num_workers": 0,
+        "num_folds": 2,
+        "schedule": "cosine",
+        "cycles": 3,
+        "swa": True,
+    }
+    run = setup(work, CONFIG, 0, overrides, device="cpu")
+    fit(run, num_workers=0)
+    snaps = list_snapshots(run.run_dir)
+    assert [p.name for p in snaps] == ["cycle_1.pt", "cycle_2.pt", "cycle_3.pt"]
+    states = [load_checkpoint(p) for p in snaps]
+    assert [s["state"]["iteration"] for s in states] == [2, 4, 6]  # progress 1/3, 2/3, 1 of 6 iterations
+    swa = load_checkpoint(run.run_dir / SWA_FILE)["model"]
+    assert load_checkpoint(run.run_dir / SWA_FILE)["swa_count"] == 3
+    for key, value in swa.items():
+        if value.is_floating_point():
+            mean = sum(s["model"][key].float() for s in states) / 3
+            torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(states[0]["model"][next(iter(swa))], states[2]["model"][next(iter(swa))])
+
+
+def test_gradient_accumulation_matches_the_large_batch(prepared_work: Path, tmp_path: Path) -> None:
+    """Two batches accumulated (loss / 2 each) give the gradient of their mean: one SGD step on it."""
+    run = setup(copy_work(prepared_work, tmp_path / "w"), CONFIG, 0, {"accumulate": 2, "num_workers": 0}, device="cpu")
+    run.model.train()
+    for group in run.optimizer.param_groups:
+        group["momentum"], group["nesterov"], group["weight_decay"] = 0.0, False, 0.0
+    torch.manual_seed(0)
+    batches = [
+        {
+            "image": torch.randn(1, 1, *run.config.patch_size),
+            "label": torch.randint(0, 3, (1, 1, *run.config.patch_size)),
+        }
+        for _ in range(2)
+    ]
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    for b in batches:
+        train_step(run, b)
+        run.state.iteration += 1
+    after_accumulated = {k: v.clone() for k, v in run.model.state_dict().items()}
+    # reference: the same step from the mean of the two losses, computed by hand
+    run.model.load_state_dict(before)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = sum(run.loss(run.model(b["image"]), b["label"].long()) for b in batches) / 2
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
+    run.optimizer.step()
+    changed = 0
+    for k, v in run.model.state_dict().items():
+        torch.testing.assert_close(after_accumulated[k], v, rtol=1e-4, atol=1e-6)
+        changed += int(not torch.equal(before[k], v))
+    assert changed > 0
