@@ -63,7 +63,10 @@ def demo(out: Path, minutes: float, device: str) -> None:
 @click.option("--spacing", default="1,1,1", show_default=True, help="Voxel spacing X,Y,Z (mm).")
 @click.option("--labels", default=2, show_default=True, help="Number of foreground labels.")
 @click.option("--seed", default=0, show_default=True)
-def synth(out: Path, cases: int, test_cases: int, shape: str, spacing: str, labels: int, seed: int) -> None:
+@click.option("--body-fill", type=float, default=None, help="Body size / field of view (default 0.78-0.9; CT ~0.93).")
+def synth(
+    out: Path, cases: int, test_cases: int, shape: str, spacing: str, labels: int, seed: int, body_fill: float | None
+) -> None:
     """Write a synthetic MSD-layout dataset of random phantoms."""
     from segpipe.synth import make_synthetic_dataset
 
@@ -75,6 +78,7 @@ def synth(out: Path, cases: int, test_cases: int, shape: str, spacing: str, labe
         labels=labels,
         test_cases=test_cases,
         seed=seed,
+        body_fill=body_fill,
     )
     click.echo(f"wrote {cases} training and {test_cases} test cases to {out}")
 

@@ -70,8 +70,14 @@ def generate_case(
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     labels: int = 2,
     seed: int = 0,
+    body_fill: float | None = None,
 ) -> SyntheticCase:
-    """Generate case ``index`` in memory (no files); deterministic given ``(seed, index)``."""
+    """Generate case ``index`` in memory (no files); deterministic given ``(seed, index)``.
+
+    ``body_fill``: the body's half-axes as a fraction of the field of view (±0.03 per axis); default
+    0.78–0.9, a head in an MR field of view. A CT torso fills more (e.g. 0.93), which matters to the
+    planner: cropping to the body then removes little, as in real CT.
+    """
     _check_args(shape, spacing, labels)
     rng = np.random.default_rng([seed, index])
     case_shape = tuple(max(MIN_SIZE, round(s * rng.uniform(1 - JITTER, 1 + JITTER))) for s in shape)
@@ -81,7 +87,8 @@ def generate_case(
     # Physical coordinates (mm) of voxel centres relative to the volume centre, per axis.
     axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp) for n, sp in zip(case_shape, case_spacing)]
     extent = np.asarray(case_shape) * case_spacing
-    body_radii = extent / 2 * rng.uniform(0.78, 0.9, size=3)
+    lo, hi = (0.78, 0.9) if body_fill is None else (body_fill - 0.03, min(body_fill + 0.03, 0.97))
+    body_radii = extent / 2 * rng.uniform(lo, hi, size=3)
     body = _body_mask(rng, axes, body_radii)
     label = _paint_structures(rng, axes, case_spacing, extent, body, body_radii, labels)
 
@@ -106,6 +113,7 @@ def make_synthetic_dataset(
     test_cases: int = 0,
     seed: int = 0,
     name: str = "Synthetic",
+    body_fill: float | None = None,
 ) -> Path:
     """Write ``cases`` labelled and ``test_cases`` unlabelled synthetic cases to ``out`` (MSD layout).
 
@@ -122,7 +130,7 @@ def make_synthetic_dataset(
     header.set_xyzt_units("mm", "sec")
     training, test = [], []
     for k in range(total):
-        case = generate_case(k, shape, spacing, labels, seed)
+        case = generate_case(k, shape, spacing, labels, seed, body_fill)
         fname = f"synth_{k:0{width}d}.nii.gz"
         if k < cases:
             save_nifti(out / "imagesTr" / fname, case.image, case.affine, header, dtype=np.float32)

@@ -33,7 +33,6 @@ from segpipe.plans import (
     load_preset,
     save_plans,
 )
-from segpipe.synth import make_synthetic_dataset
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 
@@ -372,10 +371,16 @@ def test_cli_plan_custom_preset_by_path(synthetic_dataset: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_cli_plan_large_dataset_plans_cascade(tmp_path: Path) -> None:
-    # (256, 256, 160) at (0.8, 0.8, 2.5) mm is not enough: cropped to the body, its median case is
-    # covered by 32% of the full-res patch (no cascade, as in nnU-Net). One larger case (the full-res
-    # patch covers 20% of it) plans a cascade and takes a third of the time of three such cases.
-    data = make_synthetic_dataset(tmp_path / "large", cases=1, shape=(352, 352, 160), spacing=(0.8, 0.8, 2.5))
+    # The CT-sized set: 256x256x160 at 0.8x0.8x2.5 mm with a torso filling the field of view
+    # (--body-fill 0.93). With the default head-sized body, cropping removes 40% of the volume and the
+    # full-res patch then covers 32% of the median case: no cascade, as nnU-Net's rule says.
+    data = tmp_path / "large"
+    assert (
+        run_cli(
+            "synth", data, "--cases", 2, "--shape", "256,256,160", "--spacing", "0.8,0.8,2.5", "--body-fill", 0.93
+        ).exit_code
+        == 0
+    )
     work = tmp_path / "work"
     result = run_cli("plan", data, "-o", work, "--workers", 1)
     assert result.exit_code == 0, result.output
