@@ -141,9 +141,10 @@ def predict_probabilities(
     shape = padded.shape[1:]
     weight = gaussian_importance(patch).to(device)
     acc_weight = weight.to(acc_device)
+    mirrors = mirror_combinations(mirror_axes)
+    window_weight = weight / len(mirrors)  # Gaussian weight and the mean over mirrorings, in one factor
     probs = torch.zeros((num_classes, *shape), dtype=torch.float32, device=acc_device)
     weights = torch.zeros(shape, dtype=torch.float32, device=acc_device)
-    mirrors = mirror_combinations(mirror_axes)
     windows = window_slices(shape, patch, step)
     padded = padded.to(acc_device)
     for first in range(0, len(windows), batch_windows):
@@ -155,7 +156,7 @@ def predict_probabilities(
             logits = model(xin)
         p = torch.softmax(logits.float(), dim=1).split(len(chunk))
         summed = sum(pm.flip([a + 2 for a in axes]) if axes else pm for axes, pm in zip(mirrors, p))
-        summed = summed * (weight / len(mirrors))
+        summed = summed * window_weight
         for w, s in zip(chunk, summed):
             probs[(slice(None), *w)] += s.to(acc_device)
             weights[w] += acc_weight

@@ -46,6 +46,8 @@ from segpipe.serialization import from_dict, to_dict
 from segpipe.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snapshot_path
 from segpipe.splits import load_or_create_splits
 
+# The progress bar shows the loss of every N-th iteration: each display waits for the GPU.
+LOSS_DISPLAY_EVERY = 10
 VALIDATION_SEED_OFFSET = 1_000_003  # validation patches differ from training patches of the same epoch
 
 
@@ -219,9 +221,10 @@ def _checkpoint(run: TrainingRun) -> dict[str, Any]:
     }
 
 
-def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> float:
+def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward and backward on one batch; the optimizer steps every ``accumulate`` batches (the loss
-    is scaled by 1/``accumulate`` so accumulated gradients equal a large batch's). Returns the loss."""
+    is scaled by 1/``accumulate`` so accumulated gradients equal a large batch's). Returns the loss as a
+    detached tensor: reading its value would wait for the GPU, so the loop does that only now and then."""
     accumulate = max(1, run.settings.accumulate)
     stepping = (run.state.iteration + 1) % accumulate == 0
     image = batch["image"].to(run.device, non_blocking=True)
@@ -237,7 +240,7 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> float:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def take_snapshot(run: TrainingRun, epoch: int) -> None:
@@ -327,13 +330,14 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
     settings = run.settings
     main = run.dist.is_main
     workers = settings.num_workers if num_workers is None else num_workers
+    ends = cycle_ends(settings)
     run.model.train()
     while not run.state.done:
         epoch = run.state.epoch
         loader = make_loader(train_batches(run, epoch), workers, pin_memory=run.device.type == "cuda")
         started = time.perf_counter()
         seconds_before = run.state.seconds
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         bar = tqdm(
             loader,
             total=settings.iters_per_epoch,
@@ -344,7 +348,6 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             disable=not main,
         )
         lr = learning_rate(run.progress(), settings)
-        ends = cycle_ends(settings)
         for batch in bar:
             lr = learning_rate(run.progress(), settings)
             for group in run.optimizer.param_groups:
@@ -353,7 +356,8 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             run.state.iteration += 1
             # all ranks follow rank 0's clock, so that they stop at the same iteration
             run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
+            if len(losses) % LOSS_DISPLAY_EVERY == 1:
+                bar.set_postfix(loss=f"{float(losses[-1]):.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
             if run.state.snapshots < len(ends) and run.progress() >= ends[run.state.snapshots] - 1e-12:
                 take_snapshot(run, epoch)
             if run.progress() >= 1.0:
@@ -366,7 +370,7 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             run.swa.update(run.model)  # non-cyclic schedules: average the epoch ends of the final part
         run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
         run.state.epoch += 1
-        train_loss = distributed.mean_over_ranks(float(np.mean(losses)) if losses else math.nan)
+        train_loss = distributed.mean_over_ranks(float(torch.stack(losses).mean()) if losses else math.nan)
         if not main:
             continue
         row = {
