@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Affine, GaussianSmooth
 
+from segpipe.mask_augment import MaskAugmentationConfig, MaskAugmentParams, draw_mask_params
 from segpipe.registry import Registry
 
 
@@ -44,6 +45,7 @@ class AugmentationConfig:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_mirror: float = 0.5
     mirror_axes: tuple[int, ...] = (0, 1, 2)
+    mask: MaskAugmentationConfig = field(default_factory=MaskAugmentationConfig)  # cascade stage-1 channels
 
 
 AUGMENTATIONS: Registry[AugmentationConfig] = Registry("augmentation preset")
@@ -60,6 +62,7 @@ AUGMENTATIONS.register("none")(
         p_gamma_inverted=0,
         p_gamma=0,
         p_mirror=0,
+        mask=MaskAugmentationConfig(p_morphology=0, p_component_removal=0),
     )
 )
 
@@ -78,6 +81,7 @@ class AugmentParams:
     gamma: float | None = None
     gamma_inverted: bool = False
     mirror: list[int] = field(default_factory=list)
+    mask: MaskAugmentParams | None = None  # cascade: morphology / component removal of the one-hot channels
 
     @property
     def spatial(self) -> bool:
@@ -89,7 +93,7 @@ def _rotation_matrix(angles: list[float]) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
     rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    return rx @ ry @ rz  # MONAI Affine's order (create_rotate), so source_extent covers what it samples
 
 
 def source_extent(patch: list[int], params: AugmentParams) -> list[int]:
@@ -103,11 +107,13 @@ def source_extent(patch: list[int], params: AugmentParams) -> list[int]:
 
 
 class Augmenter:
-    """Draws :class:`AugmentParams` and applies them to image/label patches."""
+    """Draws :class:`AugmentParams` for patches of ``num_channels`` image channels followed by
+    ``num_mask_channels`` one-hot mask channels (the cascade's stage-1 segmentation)."""
 
-    def __init__(self, config: AugmentationConfig, num_channels: int):
+    def __init__(self, config: AugmentationConfig, num_channels: int, num_mask_channels: int = 0):
         self.config = config
         self.num_channels = num_channels
+        self.num_mask_channels = num_mask_channels
 
     def draw(self, rng: np.random.Generator) -> AugmentParams:
         c = self.config
@@ -137,6 +143,8 @@ class Augmenter:
         elif rng.random() < c.p_gamma:
             p.gamma = self._gamma(rng)
         p.mirror = [a for a in c.mirror_axes if rng.random() < c.p_mirror]
+        if self.num_mask_channels:
+            p.mask = draw_mask_params(c.mask, rng, self.num_mask_channels)
         return p
 
     def _gamma(self, rng: np.random.Generator) -> float:
