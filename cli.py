@@ -150,6 +150,14 @@ def _folds(value: str) -> list[int]:
 @click.option("--warmup", "warmup_fraction", type=float, default=None, help="Linear warm-up over this fraction.")
 @click.option("--swa/--no-swa", default=None, help="Keep a running average of the snapshot weights (swa.pt).")
 @click.option("--accumulate", type=int, default=None, help="Gradient accumulation over N batches.")
+@click.option(
+    "--augment-on",
+    type=click.Choice(["auto", "device", "workers"]),
+    default=None,
+    help="Where the batch augmentation runs (auto: on the GPU when training on one, else in the workers).",
+)
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the network.")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="channels_last_3d (GPU).")
 @click.option("--num-folds", type=int, default=None, help="Folds when splits.json is created (default 5).")
 @click.option("--seed", type=int, default=None, help="Seed for splits, initialisation and sampling.")
 @click.option("--workers", "num_workers", type=int, default=None, help="Data-loader worker processes.")
@@ -266,6 +274,12 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
 @click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz with softmax probabilities.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose output exists.")
 @click.option("--no-postprocessing", is_flag=True, help="Ignore WORK/<config>/postprocessing.json.")
+@click.option(
+    "--prev-stage",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Cascade: a folder of stage-1 segmentations (CASE.nii.gz) to build on instead of predicting stage 1.",
+)
 def predict(
     input_dir: Path,
     output_dir: Path,
@@ -282,9 +296,12 @@ def predict(
     save_probabilities: bool,
     overwrite: bool,
     no_postprocessing: bool,
+    prev_stage: Path | None,
 ) -> None:
     """Predict every NIfTI in a folder; outputs have the inputs' exact geometry.
 
+    A cascade configuration (3d_cascade_fullres) runs both stages: stage 1 is the fold ensemble of the
+    previous configuration (its segmentations go to OUTPUT/stage1_<config>/), unless --prev-stage gives them.
     Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result."""
     from datetime import timedelta
 
@@ -292,7 +309,8 @@ def predict(
     from segpipe.ensemble import Members
     from segpipe.errors import StageFailed
     from segpipe.nifti import InputError
-    from segpipe.predict import PredictOptions, predict_folder
+    from segpipe.plans import load_plans
+    from segpipe.predict import PredictOptions, predict_cascade, predict_folder
 
     options = PredictOptions(
         step=step,
@@ -307,7 +325,12 @@ def predict(
         # the ranks meet once, at the end: rank 0 may wait long there for a rank with slower cases
         dist = distributed.init(device, timeout=timedelta(hours=24))
         members = Members(_folds(folds), weights, snapshots)
-        summary = predict_folder(input_dir, output_dir, work, config, members, options, device, dist=dist)
+        if load_plans(work / "plans.json").configuration(config).previous_stage:
+            summary = predict_cascade(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
+        elif prev_stage is not None:
+            raise ValueError(f"--prev-stage is for cascade configurations; {config} has no previous stage")
+        else:
+            summary = predict_folder(input_dir, output_dir, work, config, members, options, device, dist=dist)
     except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
         _fail(exc)
     finally:

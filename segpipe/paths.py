@@ -7,6 +7,7 @@ WORK/splits.json             cross-validation folds
 WORK/preprocessed/<data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
 WORK/<config>/fold_<k>/      a training run: checkpoints, log.csv, progress.png, validation/
 WORK/<config>/postprocessing.json   largest-component decision, applied by predict
+WORK/<cascade config>/previous_stage/CASE.npy   stage 1's out-of-fold segmentation on the full-res grid
 WORK/report/                 report.json, report.md, report.html and their PNG plots
 """
 
@@ -47,6 +48,9 @@ class WorkDir:
 
     def run(self, config: str, fold: int | str) -> Path:
         return self.root / config / f"fold_{fold}"
+
+    def previous_stage(self, config: str) -> Path:
+        return self.root / config / "previous_stage"
 
     def postprocessing(self, config: str) -> Path:
         return self.root / config / "postprocessing.json"

@@ -101,6 +101,9 @@ class TrainingSettings:
     deep_supervision: bool = True
     num_workers: int = 2
     augmentation: str = "default"
+    augment_on: str = "auto"  # where the batch augmentation runs: device, workers, or auto (device on a GPU)
+    compile: bool = False  # torch.compile the network for training
+    channels_last: bool = False  # channels_last_3d memory format (GPU)
     num_folds: int = 5
     seed: int = 12345
 

@@ -31,13 +31,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.atomic import remove_stale_temporaries, save_npz, write_json
+from segpipe.cascade import MissingPreviousStage, read_previous_stage, with_previous_stage
+from segpipe.checkpoint import FINAL
 from segpipe.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.distributed import SINGLE, DistInfo, device_for, gather_reports, shard
 from segpipe.ensemble import Members, load_members
 from segpipe.errors import StageFailed
 from segpipe.inference import accumulator_bytes, choose_accumulation_device, predict_probabilities
 from segpipe.manifest import FileIdentity, PredictionManifest, input_identity
-from segpipe.nifti import InputError, save_nifti
+from segpipe.nifti import InputError, save_nifti, strip_nifti_ending
 from segpipe.paths import WorkDir
 from segpipe.plans import Configuration, Plans, load_plans
 from segpipe.postprocess import apply_postprocessing, load_decision
@@ -257,13 +259,18 @@ def predict_folder(
     device: str = "auto",
     cases: list[CaseFiles] | None = None,
     dist: DistInfo = SINGLE,
+    previous_stage: dict[str, Path] | None = None,
 ) -> dict:
     """Predict every case of ``input_dir`` (or the given ``cases``); see the module docstring.
 
-    Under torchrun (``dist``) each rank predicts every ``world_size``-th case; see :func:`merge_ranks`."""
+    A cascade stage 2 needs ``previous_stage``: each case's stage-1 segmentation file (see
+    :func:`predict_cascade`). Under torchrun (``dist``) each rank predicts every ``world_size``-th case;
+    see :func:`merge_ranks`."""
     dev = device_for(resolve_device(device), dist)
     plans = load_plans(WorkDir(work).plans)
     config = plans.configuration(config_name)
+    if config.previous_stage and previous_stage is None:
+        raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
     models = load_members(work, plans, config, members, dev)
     decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
     problems: dict[str, str] = {}
@@ -280,21 +287,33 @@ def predict_folder(
     manifest = PredictionManifest(output_dir)
     limit = memory_limit_bytes(options)
 
+    def inputs(case: CaseFiles) -> list[str]:
+        """The files a case's output depends on: its images and, for a cascade, its stage-1 segmentation."""
+        if previous_stage is None:
+            return list(case.images)
+        if case.case_id not in previous_stage:
+            raise InputError(case.images[0], f"no {config.previous_stage} segmentation of this case for the cascade")
+        return [*case.images, str(previous_stage[case.case_id])]
+
     def finished(case: CaseFiles) -> bool:
         nifti, npz = output_files(output_dir, case.case_id)
         return (
             not options.overwrite
             and nifti.exists()
             and (npz.exists() or not options.save_probabilities)
-            and manifest.is_current(case.case_id, case.images)
+            and (previous_stage is None or case.case_id in previous_stage)
+            and manifest.is_current(case.case_id, inputs(case))
         )
 
     todo = [c for c in cases if not finished(c)]
 
     def load(case: CaseFiles) -> tuple[list[FileIdentity], CaseData, PreprocessedCase]:
-        identity = input_identity(case.images)  # before reading: a file changed meanwhile is redone next time
+        identity = input_identity(inputs(case))  # before reading: a file changed meanwhile is redone next time
         data = read_case(case, len(plans.channel_names))
         pre = preprocess_case(data, plans, config, case)
+        if previous_stage is not None:
+            path = previous_stage[case.case_id]
+            pre = with_previous_stage(pre, read_previous_stage(path), plans, config, path)
         return identity, data.geometry_only(), pre  # the raw image is not needed any more
 
     def predict_one(case: CaseFiles, loaded: Future) -> str | None:
@@ -358,3 +377,63 @@ def predict_folder(
     with contextlib.suppress(FileNotFoundError):
         failures_path.unlink()
     return summary
+
+
+STAGE1_FOLDER = "stage1_{config}"  # inside the output folder: stage 1's segmentations, reusable with --prev-stage
+
+
+def predict_cascade(
+    input_dir: Path,
+    output_dir: Path,
+    work: Path,
+    config_name: str,
+    members: Members,
+    options: PredictOptions,
+    device: str = "auto",
+    prev_stage_dir: Path | None = None,
+    dist: DistInfo = SINGLE,
+) -> dict:
+    """Both stages of a cascade on a folder: stage 1 (the fold ensemble of every trained fold of the
+    previous configuration, no postprocessing) writes ``OUT/stage1_<config>/``, unless
+    ``prev_stage_dir`` already holds its segmentations; then stage 2 with ``members``.
+
+    Cases that fail in stage 1 are reported by stage 2 (no segmentation to build on), after every
+    other case is written."""
+    plans = load_plans(WorkDir(work).plans)
+    config = plans.configuration(config_name)
+    stage1 = config.previous_stage
+    if stage1 is None:
+        raise ValueError(f"{config_name} is not a cascade stage; use predict_folder")
+    summary: dict = {}
+    if prev_stage_dir is None:
+        folds = trained_folds(work, stage1)
+        if not folds:
+            raise MissingPreviousStage(
+                f"{config_name} needs a trained {stage1}: run `segpipe train {work} --config {stage1} --fold all`"
+            )
+        prev_stage_dir = output_dir / STAGE1_FOLDER.format(config=stage1)
+        stage1_options = PredictOptions(**{**vars(options), "save_probabilities": False, "postprocess": False})
+        try:
+            summary["stage1"] = predict_folder(
+                input_dir, prev_stage_dir, work, stage1, Members(folds), stage1_options, device, dist=dist
+            )
+        except StageFailed as exc:  # go on with the cases stage 1 could do; stage 2 reports the others
+            summary["stage1"] = {"failed": len(exc.problems)}
+    elif not prev_stage_dir.is_dir():
+        raise InputError(prev_stage_dir, "--prev-stage folder not found")
+    segs = {
+        strip_nifti_ending(p.name): p for p in sorted(prev_stage_dir.iterdir()) if p.name.endswith((".nii", ".nii.gz"))
+    }
+    summary.update(
+        predict_folder(
+            input_dir, output_dir, work, config_name, members, options, device, dist=dist, previous_stage=segs
+        )
+    )
+    return summary
+
+
+def trained_folds(work: Path, config_name: str) -> list[int]:
+    """The folds of a configuration whose training finished (a final checkpoint exists)."""
+    root = WorkDir(work).root / config_name
+    folds = [int(p.parent.name[5:]) for p in root.glob(f"fold_*/{FINAL}") if p.parent.name[5:].isdigit()]
+    return sorted(folds)

@@ -1,8 +1,9 @@
 """Patch sampling from preprocessed cases: batches for training and validation.
 
 Reads ``WORK/preprocessed/<data_identifier>/`` (memory-mapped ``.npy``) and yields batches of
-``image (B, C, *patch)`` float32 and ``label (B, 1, *patch)`` int8. A third of each batch (the last
-samples, as nnU-Net) is centred on a stored foreground voxel of a random present class; the rest
+``image (B, C, *patch)`` float32 and ``label (B, 1, *patch)`` int8; a cascade stage 2's image has one more
+channel per foreground class, stage 1's segmentation one-hot (see :mod:`segpipe.cascade`). A third of
+each batch (the last samples, as nnU-Net) is centred on a stored foreground voxel of a random present class; the rest
 anywhere. Cases smaller than the patch are zero-padded. Runs inside ``DataLoader`` workers: every
 worker draws from its own generator seeded by (seed, epoch, rank, worker), so a run is
 reproducible and an epoch can be replayed after a resume.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from segpipe.augment import Augmenter, source_extent
-from segpipe.augment import apply as apply_augmentation
+from segpipe.augment import Augmenter
+from segpipe.batch_augment import augment_batch, batch_extent
+from segpipe.cascade import one_hot
 from segpipe.paths import CaseFilesOnDisk
 
 
@@ -30,23 +33,36 @@ class SamplerSpec:
     batch_size: int
     oversample_foreground: float
     foreground_classes: list[int]  # class indices 1..K
+    previous_stage: Path | None = None  # cascade: folder of stage 1's CASE.npy class maps on this grid
+
+
+@dataclass
+class _Case:
+    image: np.ndarray  # (C, X, Y, Z), memory-mapped
+    label: np.ndarray  # (X, Y, Z)
+    coords: dict[int, np.ndarray]  # class -> foreground voxel coordinates (N, 3)
+    previous: np.ndarray | None  # cascade: stage 1's class map (X, Y, Z)
 
 
 class _CaseCache:
     """Memory-mapped arrays and foreground coordinates, opened once per worker."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, previous_stage: Path | None = None):
         self.folder = folder
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]] = {}
+        self.previous_stage = previous_stage
+        self._cache: dict[str, _Case] = {}
 
-    def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    def get(self, case_id: str) -> _Case:
         if case_id not in self._cache:
             files = CaseFilesOnDisk(self.folder, case_id)
-            image = np.load(files.image, mmap_mode="r")
-            label = np.load(files.label, mmap_mode="r")
             with np.load(files.foreground) as fg:
                 coords = {int(k.split("_")[1]): fg[k] for k in fg.files}
-            self._cache[case_id] = (image, label, coords)
+            previous = None
+            if self.previous_stage is not None:
+                previous = np.load(self.previous_stage / f"{case_id}.npy", mmap_mode="r")
+            self._cache[case_id] = _Case(
+                np.load(files.image, mmap_mode="r"), np.load(files.label, mmap_mode="r"), coords, previous
+            )
         return self._cache[case_id]
 
 
@@ -92,6 +108,7 @@ class PatchBatches(IterableDataset):
         epoch: int,
         augmenter: Augmenter | None,
         rank: int = 0,
+        augment_in_workers: bool = True,
     ):
         self.spec = spec
         self.num_batches = num_batches
@@ -99,6 +116,7 @@ class PatchBatches(IterableDataset):
         self.epoch = epoch
         self.augmenter = augmenter
         self.rank = rank
+        self.augment_in_workers = augment_in_workers
         self._cases: _CaseCache | None = None
 
     def __iter__(self):
@@ -107,31 +125,43 @@ class PatchBatches(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         torch.manual_seed(int(rng.integers(2**31)))
         if self._cases is None:
-            self._cases = _CaseCache(self.spec.folder)
+            self._cases = _CaseCache(self.spec.folder, self.spec.previous_stage)
         for _ in range(worker, self.num_batches, workers):
             yield self.make_batch(rng)
 
-    def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
+        """One batch of crops. With an augmenter every crop has the batch's common source extent
+        (:func:`batch_extent`) and the drawn parameters travel along as ``params``; the augmentation
+        itself runs here when ``augment_in_workers``, else in the training process (on its device)."""
         spec = self.spec
-        cases = self._cases or _CaseCache(spec.folder)
+        cases = self._cases or _CaseCache(spec.folder, spec.previous_stage)
         self._cases = cases
         n_random = round(spec.batch_size * (1 - spec.oversample_foreground))
+        drawn = [self.augmenter.draw(rng) for _ in range(spec.batch_size)] if self.augmenter else None
+        extent = batch_extent(spec.patch_size, drawn) if drawn else spec.patch_size
         images, labels = [], []
         for i in range(spec.batch_size):
-            image, label, coords = cases.get(spec.case_ids[rng.integers(len(spec.case_ids))])
-            center = choose_center(image.shape[1:], spec.patch_size, coords, i >= n_random, rng)
-            if self.augmenter is None:
-                images.append(torch.from_numpy(crop_padded(image, center, spec.patch_size)))
-                labels.append(torch.from_numpy(crop_padded(label[None], center, spec.patch_size)))
-                continue
-            params = self.augmenter.draw(rng)
-            extent = source_extent(spec.patch_size, params)
-            img = torch.from_numpy(crop_padded(image, center, extent))
-            lab = torch.from_numpy(crop_padded(label[None], center, extent))
-            img, lab = apply_augmentation(img, lab, params, spec.patch_size)
-            images.append(img)
-            labels.append(lab)
-        return {"image": torch.stack(images).float(), "label": torch.stack(labels).to(torch.int8)}
+            case = cases.get(spec.case_ids[rng.integers(len(spec.case_ids))])
+            center = choose_center(case.image.shape[1:], spec.patch_size, case.coords, i >= n_random, rng)
+            image = crop_padded(case.image, center, extent)
+            if case.previous is not None:
+                previous = crop_padded(case.previous[None], center, extent)[0]
+                image = np.concatenate([image, one_hot(previous, len(spec.foreground_classes) + 1)])
+            images.append(image)
+            labels.append(crop_padded(case.label[None], center, extent))
+        batch: dict[str, Any] = {
+            "image": torch.from_numpy(np.stack(images)).float(),
+            "label": torch.from_numpy(np.stack(labels)).to(torch.int8),
+        }
+        if drawn is None:
+            return batch
+        if not self.augment_in_workers:
+            batch["params"] = drawn
+            return batch
+        assert self.augmenter is not None
+        image, label = augment_batch(self.augmenter, batch["image"], batch["label"], drawn, spec.patch_size)
+        batch["image"], batch["label"] = image, label
+        return batch
 
 
 def make_loader(dataset: PatchBatches, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from segpipe import distributed, runlog
 from segpipe.atomic import read_json, remove_stale_temporaries
 from segpipe.augment import AUGMENTATIONS, Augmenter
+from segpipe.batch_augment import augment_batch
+from segpipe.cascade import prepare_training_inputs
 from segpipe.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from segpipe.distributed import SINGLE, DistInfo
 from segpipe.losses import DeepSupervisionDiceCE
@@ -84,10 +86,14 @@ class TrainingRun:
     swa: WeightAverage | None = None
     dist: DistInfo = SINGLE
     ddp: nn.Module | None = None  # the DDP wrapper of ``model`` under torchrun
+    compiled: nn.Module | None = None  # torch.compile of the DDP wrapper or the model (settings.compile)
 
     @property
     def forward_model(self) -> nn.Module:
-        """What training steps call: the DDP wrapper (which averages gradients over ranks) or the model."""
+        """What training steps call: compiled or not, the DDP wrapper (which averages gradients over
+        ranks) or the model."""
+        if self.compiled is not None:
+            return self.compiled
         return self.ddp if self.ddp is not None else self.model
 
     @property
@@ -128,13 +134,14 @@ def setup(
         raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or remove the folder")
     else:
         settings = plans.with_training(**overrides).training
-    if config.previous_stage:
-        raise NotImplementedError("cascade training (3d_cascade_fullres) is not available yet")
     folder = wd.preprocessed(config.data_identifier)
     cases = list_preprocessed(folder)
     if not cases:
         raise FileNotFoundError(f"{folder}: no preprocessed cases; run `segpipe preprocess` first")
-    with distributed.main_first(dist):  # rank 0 creates splits.json, the others read it
+    previous = None
+    with distributed.main_first(dist):  # rank 0 creates splits.json (and stage-2 inputs), the others read them
+        if config.previous_stage:
+            previous = prepare_training_inputs(work, config_name)  # refuses while stage 1 is missing
         splits = load_or_create_splits(wd.splits, cases, settings.num_folds, settings.seed)
     if not 0 <= fold < len(splits):
         raise ValueError(f"fold {fold} does not exist: {wd.splits} has {len(splits)} folds")
@@ -143,7 +150,13 @@ def setup(
     dev = distributed.device_for(resolve_device(device), dist)
     batch_size = distributed.per_rank_batch(config.batch_size, dist)
     torch.manual_seed(settings.seed + fold)
-    model = build_network(config, len(plans.channel_names), plans.num_classes, settings.deep_supervision).to(dev)
+    channels = len(plans.channel_names)
+    extra = len(plans.foreground_labels) if previous else 0  # the cascade's one-hot stage-1 channels
+    model = build_network(config, channels, plans.num_classes, settings.deep_supervision, extra).to(dev)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels once
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.initial_lr,
@@ -162,6 +175,7 @@ def setup(
             batch_size,
             distributed.per_rank_oversample(config.batch_size, settings.oversample_foreground, dist),
             list(range(1, plans.num_classes)),
+            previous,
         )
 
     run = TrainingRun(
@@ -177,7 +191,7 @@ def setup(
         amp_dtype=amp,
         train_spec=spec(split["train"]),
         val_spec=spec(split["val"]),
-        augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), len(plans.channel_names)),
+        augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), channels, extra),
         time_budget=time_budget,
         swa=WeightAverage() if settings.swa else None,
         dist=dist,
@@ -195,6 +209,8 @@ def setup(
         if dist.is_main:
             runlog.truncate_after(run_dir / "log.csv", run.state.epoch)
     run.ddp = distributed.wrap(model, dist, dev) if dist.enabled else None
+    if settings.compile:
+        run.compiled = torch.compile(run.ddp or model)
     return run
 
 
@@ -228,8 +244,13 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
     accumulate = max(1, run.settings.accumulate)
     stepping = (run.state.iteration + 1) % accumulate == 0
     image = batch["image"].to(run.device, non_blocking=True)
-    label = batch["label"].to(run.device, non_blocking=True).long()
-    with distributed.sync_gradients(run.forward_model, now=stepping):
+    label = batch["label"].to(run.device, non_blocking=True)
+    if "params" in batch:  # the workers only cropped: augment here, on the device, the batch at once
+        image, label = augment_batch(run.augmenter, image, label, batch["params"], run.config.patch_size)
+    if run.settings.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    label = label.long()
+    with distributed.sync_gradients(run.ddp or run.model, now=stepping):
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.forward_model(image)
         loss = run.loss(logits, label)
@@ -318,10 +339,22 @@ def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
     return out
 
 
+def augment_in_workers(settings: TrainingSettings, device: torch.device) -> bool:
+    """Where the batch augmentation runs: in the loader workers (CPU training: they work in parallel
+    with the training process) or on the training device (GPU: a few kernels instead of CPU-bound workers)."""
+    choices = {"auto": device.type != "cuda", "workers": True, "device": False}
+    if settings.augment_on not in choices:
+        raise ValueError(f"augment_on {settings.augment_on!r}: use one of {', '.join(choices)}")
+    return choices[settings.augment_on]
+
+
 def train_batches(run: TrainingRun, epoch: int) -> PatchBatches:
     """The epoch's training batches of this rank (under DDP each rank draws its own: seeded by rank)."""
     settings = run.settings
-    return PatchBatches(run.train_spec, settings.iters_per_epoch, settings.seed, epoch, run.augmenter, run.dist.rank)
+    in_workers = augment_in_workers(settings, run.device)
+    return PatchBatches(
+        run.train_spec, settings.iters_per_epoch, settings.seed, epoch, run.augmenter, run.dist.rank, in_workers
+    )
 
 
 def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:

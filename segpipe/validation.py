@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segpipe.atomic import read_json
+from segpipe.cascade import out_of_fold_predictions
 from segpipe.dataset import Dataset
 from segpipe.distributed import SINGLE, DistInfo
 from segpipe.ensemble import Members
@@ -54,10 +55,15 @@ def validate_fold(
     gt_dir = Path(cases[0].label).parent
     run_dir = wd.run(config_name, fold)
     options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False)
+    config = plans.configuration(config_name)
+    # a cascade stage 2 builds on stage 1's out-of-fold predictions, exactly as in its training
+    previous = out_of_fold_predictions(work, config, sorted(val_ids)) if config.previous_stage else None
     summaries = {}
     for name, members in fold_candidates(run_dir, fold).items():
         out = run_dir / CANDIDATE_FOLDERS[name]
-        predict_folder(out, out, work, config_name, members, options, device, cases=cases, dist=dist)
+        predict_folder(
+            out, out, work, config_name, members, options, device, cases=cases, dist=dist, previous_stage=previous
+        )
         if dist.is_main:
             summaries[name] = evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
     return summaries.get("final")
