@@ -1,11 +1,13 @@
 """Single benchmark entry point for segpipe, optionally compared against nnU-Net v2.
 
-    python benchmarks/run.py --which preprocess [--against nnunet] [--data DIR] [--workers N]
-                             [--quick] [--nnunet-bin DIR]
+    python benchmarks/run.py --which preprocess|train|predict [--against nnunet] [--data DIR] [--workers N]
+                             [--device auto|cpu|cuda] [--warmup-iters N] [--iters N] [--cases N]
+                             [--quick] [--nnunet-bin DIR] [--keep]
 
 Prints one JSON line per measured stage to stdout; everything else (child logs, notes) goes to
 stderr. Installs nothing: nnU-Net must already be importable here or live in ``--nnunet-bin``.
-Further benchmarks (train, predict) are added as functions in the ``BENCHMARKS`` table.
+Each benchmark is one function in the ``BENCHMARKS`` table; train and predict start from the same
+plan + preprocess setup that the preprocess benchmark times. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SEGPIPE = [sys.executable, str(REPO / "cli.py")]
+SEGPIPE_TRAIN_PROBE = REPO / "benchmarks" / "segpipe_train_probe.py"
+NNUNET_TRAIN_PROBE = REPO / "benchmarks" / "nnunet_train_probe.py"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
 NNUNET_PROBE = "nnUNetv2_plan_and_preprocess"
 NNUNET_FALLBACK_BIN = Path("/tmp/nnu/bin")
+CONFIG = "3d_fullres"
+FOLD = 0
+MODEL_ITERS = 2  # training iterations of the models that the predict benchmark times (weights do not matter)
+QUICK_TRAIN_CASES = 5  # the 5-fold split needs 5 cases
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each benchmark measures: training iterations (untimed warm-up, timed) and predicted cases."""
+
+    warmup_iters: int
+    iters: int
+    cases: int
+
+
+FULL = Sizes(warmup_iters=10, iters=50, cases=60)
+QUICK = Sizes(warmup_iters=2, iters=3, cases=2)
+DEFAULT_WORKERS = {"train": 2, "predict": 2}  # preprocess: all cores
 
 
 @dataclass
@@ -85,6 +108,15 @@ def msd_task_id(data: Path) -> int:
     return int(match.group(1))
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when this interpreter's torch sees a GPU, else ``cpu``; both tools get the result."""
+    if name != "auto":
+        return name
+    import torch  # only here: the other benchmarks and --help stay light
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def find_nnunet_bin(explicit: Path | None) -> Path:
     """Directory holding the ``nnUNetv2_*`` commands: the option, PATH, this interpreter's, or the fallback."""
     candidates: list[Path] = []
@@ -102,10 +134,41 @@ def find_nnunet_bin(explicit: Path | None) -> Path:
     sys.exit(f"nnU-Net v2 not found (looked in {', '.join(map(str, candidates))}); pass --nnunet-bin DIR")
 
 
-def make_quick_dataset(root: Path, log: Path) -> Path:
-    """A tiny synthetic MSD dataset (4 cases of 32x32x24) for smoke-testing the benchmark itself."""
+@dataclass(frozen=True)
+class NnUNet:
+    """An nnU-Net v2 installation (its ``nnUNetv2_*`` commands and interpreter) and the folder holding
+    its ``raw``, ``preprocessed`` and ``results`` folders for one benchmark run."""
+
+    bin_dir: Path
+    root: Path
+
+    @property
+    def python(self) -> Path:
+        """The interpreter next to the commands (the one that imports ``nnunetv2``)."""
+        for name in ("python", "python3"):
+            if (self.bin_dir / name).exists():
+                return self.bin_dir / name
+        sys.exit(f"no python next to the nnU-Net commands in {self.bin_dir}")
+
+    def env(self, workers: int | None = None) -> dict[str, str]:
+        """This environment plus nnU-Net's folders, its commands on PATH and, if given, ``nnUNet_n_proc_DA``."""
+        env = dict(os.environ)
+        for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            env[var] = str(self.root / sub)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        if workers is not None:
+            env["nnUNet_n_proc_DA"] = str(workers)
+        return env
+
+    def command(self, name: str, *args: str) -> list[str]:
+        return [str(self.bin_dir / name), *args]
+
+
+def make_quick_dataset(root: Path, log: Path, cases: int = 4) -> Path:
+    """A tiny synthetic MSD dataset (``cases`` cases of 32x32x24) for smoke-testing the benchmark itself."""
     data = root / "Task01_Quick"
-    run_timed([*SEGPIPE, "synth", str(data), "--cases", "4", "--shape", "32,32,24"], log)
+    run_timed([*SEGPIPE, "synth", str(data), "--cases", str(cases), "--shape", "32,32,24"], log)
     return data
 
 
@@ -118,24 +181,20 @@ def time_segpipe_preprocess(data: Path, work: Path, workers: int, log: Path) -> 
     }
 
 
-def time_nnunet_preprocess(data: Path, root: Path, workers: int, bin_dir: Path, log: Path) -> dict[str, Run]:
+def time_nnunet_preprocess(data: Path, nnunet: NnUNet, workers: int, log: Path) -> dict[str, Run]:
     """Convert ``data`` for nnU-Net (untimed), then time fingerprint + planning and 3d_fullres preprocessing."""
-    env = dict(os.environ)
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(root / sub)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env = nnunet.env()
     task, np_ = str(msd_task_id(data)), str(workers)
 
-    def nnunet(name: str, *args: str) -> Run:
-        return run_timed([str(bin_dir / name), *args], log, env)
+    def run(name: str, *args: str) -> Run:
+        return run_timed(nnunet.command(name, *args), log, env)
 
-    nnunet("nnUNetv2_convert_MSD_dataset", "-i", str(data), "-np", np_)
-    fingerprint = nnunet("nnUNetv2_extract_fingerprint", "-d", task, "-np", np_)
-    planning = nnunet("nnUNetv2_plan_experiment", "-d", task)
+    run("nnUNetv2_convert_MSD_dataset", "-i", str(data), "-np", np_)
+    fingerprint = run("nnUNetv2_extract_fingerprint", "-d", task, "-np", np_)
+    planning = run("nnUNetv2_plan_experiment", "-d", task)
     return {
         "plan": Run(fingerprint.seconds + planning.seconds, max(fingerprint.peak_rss_mb, planning.peak_rss_mb)),
-        "preprocess": nnunet("nnUNetv2_preprocess", "-d", task, "-c", "3d_fullres", "-np", np_),
+        "preprocess": run("nnUNetv2_preprocess", "-d", task, "-c", CONFIG, "-np", np_),
     }
 
 
@@ -145,19 +204,40 @@ def with_total(runs: dict[str, Run]) -> dict[str, Run]:
     return {**runs, "total": total}
 
 
-def bench_preprocess(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str, object]]:
-    """Plan + preprocess with segpipe (and nnU-Net with ``--against nnunet``); one record per stage."""
-    data = make_quick_dataset(tmp, log) if args.quick else args.data.resolve()
-    if not (data / "dataset.json").exists():
-        sys.exit(f"no dataset.json in {data}")
-    ours = with_total(time_segpipe_preprocess(data, tmp / "segpipe", args.workers, log))
-    theirs: dict[str, Run] | None = None
+@dataclass
+class Prepared:
+    """A dataset planned and preprocessed by segpipe and, when compared, by nnU-Net: where train and
+    predict start, with the times of getting there (the preprocess benchmark's measurement)."""
+
+    data: Path
+    segpipe_work: Path
+    segpipe_runs: dict[str, Run]
+    nnunet: NnUNet | None = None
+    nnunet_runs: dict[str, Run] | None = None
+
+
+def prepare(args: argparse.Namespace, tmp: Path, log: Path, quick_cases: int = 4) -> Prepared:
+    """The dataset (``--data``, or a synthetic one of ``quick_cases`` cases with ``--quick``) planned and
+    preprocessed by segpipe into ``tmp/segpipe``, and by nnU-Net into ``tmp/nnunet`` with ``--against nnunet``."""
+    nnunet = None
     if args.against == "nnunet":
         if args.quick:
             print("--quick: skipping nnU-Net", file=sys.stderr)
         else:
-            bin_dir = find_nnunet_bin(args.nnunet_bin)
-            theirs = with_total(time_nnunet_preprocess(data, tmp / "nnunet", args.workers, bin_dir, log))
+            nnunet = NnUNet(find_nnunet_bin(args.nnunet_bin), tmp / "nnunet")  # exits first if there is none
+    data = make_quick_dataset(tmp, log, quick_cases) if args.quick else args.data.resolve()
+    if not (data / "dataset.json").exists():
+        sys.exit(f"no dataset.json in {data}")
+    segpipe_runs = time_segpipe_preprocess(data, tmp / "segpipe", args.workers, log)
+    nnunet_runs = time_nnunet_preprocess(data, nnunet, args.workers, log) if nnunet else None
+    return Prepared(data, tmp / "segpipe", segpipe_runs, nnunet, nnunet_runs)
+
+
+def bench_preprocess(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str, object]]:
+    """Plan + preprocess with segpipe (and nnU-Net with ``--against nnunet``); one record per stage."""
+    prepared = prepare(args, tmp, log)
+    ours = with_total(prepared.segpipe_runs)
+    theirs = with_total(prepared.nnunet_runs) if prepared.nnunet_runs else None
 
     records = []
     for stage in ("preprocess", "plan", "total"):
@@ -171,7 +251,7 @@ def bench_preprocess(args: argparse.Namespace, tmp: Path, log: Path) -> list[dic
                 "nnunet_s": round(nnu.seconds, 3) if nnu else None,
                 "ratio": round(seg.seconds / nnu.seconds, 3) if nnu else None,
                 "workers": args.workers,
-                "cases": count_cases(data),
+                "cases": count_cases(prepared.data),
                 "host": host_info(),
                 "segpipe_peak_rss_mb": round(seg.peak_rss_mb, 1),
                 "nnunet_peak_rss_mb": round(nnu.peak_rss_mb, 1) if nnu else None,
@@ -180,27 +260,237 @@ def bench_preprocess(args: argparse.Namespace, tmp: Path, log: Path) -> list[dic
     return records
 
 
+@dataclass
+class Probe:
+    """What a training probe printed (``*_train_probe.py``) and the peak memory of its process tree."""
+
+    result: dict[str, Any]
+    peak_rss_mb: float
+
+
+def run_probe(cmd: list[str], result: Path, log: Path, env: dict[str, str] | None = None) -> Probe:
+    """Run a training probe that writes its JSON line to ``result``."""
+    run = run_timed([*cmd, "--result", str(result)], log, env)
+    return Probe(json.loads(result.read_text()), run.peak_rss_mb)
+
+
+def time_segpipe_train(work: Path, workers: int, device: str, warmup: int, iters: int, log: Path) -> Probe:
+    """Training iterations of segpipe (``segpipe_train_probe.py``, this interpreter, ``workers``
+    data-loading processes)."""
+    cmd = [sys.executable, str(SEGPIPE_TRAIN_PROBE), "--work", str(work), "--config", CONFIG, "--fold", str(FOLD)]
+    cmd += ["--warmup", str(warmup), "--iters", str(iters), "--workers", str(workers), "--device", device]
+    return run_probe(cmd, work / "train_probe.json", log)
+
+
+def time_nnunet_train(
+    data: Path, nnunet: NnUNet, workers: int, device: str, warmup: int, iters: int, log: Path
+) -> Probe:
+    """Training iterations of nnU-Net (``nnunet_train_probe.py``, nnU-Net's interpreter, ``workers``
+    augmentation processes); leaves ``fold_0/checkpoint_final.pth`` in nnU-Net's results folder."""
+    cmd = [str(nnunet.python), str(NNUNET_TRAIN_PROBE), "--dataset", str(msd_task_id(data))]
+    cmd += ["--config", CONFIG, "--fold", str(FOLD), "--warmup", str(warmup), "--iters", str(iters)]
+    cmd += ["--device", device]
+    return run_probe(cmd, nnunet.root / f"train_probe_{warmup}_{iters}.json", log, nnunet.env(workers))
+
+
+def setup_of(probe: Probe) -> dict[str, object]:
+    """What a probe trained and how: patch, batch, features per stage, data-loading workers, device,
+    torch version and threads, and whether the network was compiled (``torch.compile``)."""
+    keys = ("patch", "batch", "features", "workers", "device", "torch", "threads", "compiled")
+    return {k: probe.result.get(k) for k in keys}
+
+
+def note_differences(ours: Probe, theirs: Probe) -> None:
+    """Say on stderr where the two tools did not train the same thing the same way."""
+    a, b = setup_of(ours), setup_of(theirs)
+    for key in ("patch", "batch", "features", "workers", "device"):
+        if a[key] != b[key]:
+            print(f"note: different {key}: segpipe {a[key]}, nnU-Net {b[key]}", file=sys.stderr)
+
+
+def bench_train(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str, object]]:
+    """Steady-state training iterations per second of the 3d_fullres plan, fold 0, segpipe (and nnU-Net)."""
+    prepared = prepare(args, tmp, log, QUICK_TRAIN_CASES)
+    common = (args.workers, args.device, args.warmup_iters, args.iters)
+    ours = time_segpipe_train(prepared.segpipe_work, *common, log)
+    theirs = None
+    if prepared.nnunet is not None:
+        theirs = time_nnunet_train(prepared.data, prepared.nnunet, *common, log)
+        note_differences(ours, theirs)
+    seg_s, nnu_s = ours.result["s_per_it"], theirs.result["s_per_it"] if theirs else None
+    return [
+        {
+            "benchmark": "train",
+            "stage": "iterations_per_second",
+            "segpipe_it_s": round(ours.result["it_s"], 4),
+            "nnunet_it_s": round(theirs.result["it_s"], 4) if theirs else None,
+            "segpipe_s": round(seg_s, 4),  # seconds per iteration
+            "nnunet_s": round(nnu_s, 4) if nnu_s else None,
+            "ratio": round(seg_s / nnu_s, 3) if nnu_s else None,  # < 1: segpipe is faster
+            "warmup_iters": args.warmup_iters,
+            "iters": args.iters,
+            "device": args.device,
+            "workers": args.workers,
+            "cases": count_cases(prepared.data),
+            "host": host_info(),
+            "segpipe_peak_rss_mb": round(ours.peak_rss_mb, 1),
+            "nnunet_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
+            "segpipe_setup": setup_of(ours),
+            "nnunet_setup": setup_of(theirs) if theirs else None,
+        }
+    ]
+
+
+def link_prediction_inputs(data: Path, cases: int, folder: Path) -> list[str]:
+    """Link the first ``cases`` training images of ``data`` (sorted) into ``folder`` as ``CASE_0000.nii.gz``
+    (nnU-Net's naming, which segpipe also reads); returns the case names."""
+    meta = json.loads((data / "dataset.json").read_text())
+    if len(meta.get("modality", meta.get("channel_names", {"0": ""}))) != 1:
+        sys.exit("the predict benchmark takes single-channel datasets only")
+    images = sorted(data / entry["image"] for entry in meta["training"])
+    if len(images) < cases:
+        sys.exit(f"--cases {cases}: {data} has only {len(images)} training images")
+    folder.mkdir(parents=True)
+    names = []
+    for image in images[:cases]:
+        name = image.name.removesuffix(".nii.gz")
+        (folder / f"{name}_0000.nii.gz").symlink_to(image.resolve())
+        names.append(name)
+    return names
+
+
+def train_segpipe_model(work: Path, args: argparse.Namespace, log: Path) -> None:
+    """A fold-0 segpipe model of the planned network, trained for ``MODEL_ITERS`` iterations (untimed)."""
+    cmd = [*SEGPIPE, "train", str(work), "--config", CONFIG, "--fold", str(FOLD), "--epochs", "1"]
+    cmd += ["--iters-per-epoch", str(MODEL_ITERS), "--val-iters", "1", "--no-validation"]
+    cmd += ["--workers", str(args.workers), "--device", args.device]
+    run_timed(cmd, log)
+
+
+def time_segpipe_predict(images: Path, out: Path, work: Path, device: str, log: Path) -> Run:
+    """``segpipe predict`` of every image in ``images`` with fold 0 (mirroring TTA on by default)."""
+    cmd = [*SEGPIPE, "predict", "-i", str(images), "-o", str(out), "-m", str(work), "--config", CONFIG]
+    return run_timed([*cmd, "--folds", str(FOLD), "--device", device], log)
+
+
+def time_nnunet_predict(
+    images: Path, out: Path, data: Path, nnunet: NnUNet, workers: int, device: str, log: Path
+) -> Run:
+    """``nnUNetv2_predict`` of every image in ``images`` with fold 0's final checkpoint (TTA on by default),
+    ``workers`` preprocessing and ``workers`` export processes."""
+    cmd = nnunet.command("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(msd_task_id(data)))
+    cmd += ["-c", CONFIG, "-f", str(FOLD), "-chk", "checkpoint_final.pth", "-device", device]
+    cmd += ["-npp", str(workers), "-nps", str(workers), "--disable_progress_bar"]
+    return run_timed(cmd, log, nnunet.env())
+
+
+def check_outputs(out: Path, names: list[str], tool: str) -> None:
+    """Exit unless ``out`` holds one segmentation per case (a timing of missing work would be wrong)."""
+    missing = [n for n in names if not (out / f"{n}.nii.gz").exists()]
+    if missing:
+        sys.exit(f"{tool} wrote no prediction for {len(missing)} case(s), e.g. {missing[0]} (in {out})")
+
+
+def bench_predict(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str, object]]:
+    """Seconds to predict ``--cases`` training images with TTA, fold 0 of briefly trained models."""
+    prepared = prepare(args, tmp, log, QUICK_TRAIN_CASES)
+    images = tmp / "images"
+    names = link_prediction_inputs(prepared.data, args.cases, images)
+    train_segpipe_model(prepared.segpipe_work, args, log)
+    ours = time_segpipe_predict(images, tmp / "pred_segpipe", prepared.segpipe_work, args.device, log)
+    check_outputs(tmp / "pred_segpipe", names, "segpipe")
+    theirs = None
+    if prepared.nnunet is not None:
+        time_nnunet_train(prepared.data, prepared.nnunet, args.workers, args.device, 0, MODEL_ITERS, log)
+        out = tmp / "pred_nnunet"
+        theirs = time_nnunet_predict(images, out, prepared.data, prepared.nnunet, args.workers, args.device, log)
+        check_outputs(out, names, "nnU-Net")
+    return [
+        {
+            "benchmark": "predict",
+            "stage": "predict",
+            "segpipe_s": round(ours.seconds, 3),
+            "nnunet_s": round(theirs.seconds, 3) if theirs else None,
+            "ratio": round(ours.seconds / theirs.seconds, 3) if theirs else None,
+            "segpipe_s_per_case": round(ours.seconds / len(names), 4),
+            "nnunet_s_per_case": round(theirs.seconds / len(names), 4) if theirs else None,
+            "tta": True,
+            "device": args.device,
+            "workers": args.workers,
+            "cases": len(names),
+            "host": host_info(),
+            "segpipe_peak_rss_mb": round(ours.peak_rss_mb, 1),
+            "nnunet_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
+        }
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path, Path], list[dict[str, object]]]] = {
     "preprocess": bench_preprocess,
+    "train": bench_train,
+    "predict": bench_predict,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
+    """Command-line options; unset sizes and workers take the benchmark's defaults (smaller with ``--quick``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--which", required=True, choices=sorted(BENCHMARKS), help="Benchmark to run.")
     parser.add_argument("--against", choices=["nnunet"], default=None, help="Also time this reference tool.")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MSD dataset folder (default: %(default)s).")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Processes (default: all cores).")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Processes: preprocess workers (default: all cores); training data-loading workers and "
+        "nnU-Net's nnUNet_n_proc_DA (default 2); nnU-Net's predict -npp/-nps (default 2).",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="train, predict: device of both tools (auto: cuda if this interpreter's torch sees a GPU).",
+    )
+    parser.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=None,
+        help=f"train: untimed iterations first (default {FULL.warmup_iters}; --quick {QUICK.warmup_iters}).",
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help=f"train: timed iterations (default {FULL.iters}; --quick {QUICK.iters}).",
+    )
+    parser.add_argument(
+        "--cases",
+        type=int,
+        default=None,
+        help=f"predict: images predicted (default {FULL.cases}; --quick {QUICK.cases}).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny synthetic dataset, no nnU-Net (smoke test).")
     parser.add_argument("--nnunet-bin", type=Path, default=None, help="Directory with the nnUNetv2_* commands.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary work folder (path on stderr).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    args.warmup_iters = sizes.warmup_iters if args.warmup_iters is None else args.warmup_iters
+    args.iters = sizes.iters if args.iters is None else args.iters
+    args.cases = sizes.cases if args.cases is None else args.cases
+    if args.workers is None:
+        args.workers = DEFAULT_WORKERS.get(args.which, os.cpu_count() or 1)
+    if args.warmup_iters < 0 or args.iters < 1 or args.cases < 1:
+        parser.error("--iters and --cases must be at least 1, --warmup-iters at least 0")
+    if args.workers < (0 if args.which == "train" else 1):  # train: 0 loads data in the training process
+        parser.error(f"--workers {args.workers} is too few for --which {args.which}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen benchmark in a temporary folder and print its records as JSON lines."""
     args = parse_args(argv)
+    if args.which != "preprocess":
+        args.device = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix=f"segpipe-bench-{args.which}-"))
     try:
         records = BENCHMARKS[args.which](args, tmp, tmp / "commands.log")
