@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from probe_timing import report, time_iterations
+from probe_timing import report, time_iterations, timing_record
 
 
 def set_threads_like_nnunet_train(device: torch.device) -> None:
@@ -60,22 +60,20 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     seconds = time_iterations(step, args.warmup, args.iters, sync)
     config = trainer.configuration_manager
-    result = {
-        "tool": "nnunet",
-        "warmup": args.warmup,
-        "iters": args.iters,
-        "seconds": seconds,
-        "it_s": args.iters / seconds if seconds > 0 else None,
-        "s_per_it": seconds / args.iters if args.iters else None,
-        "device": str(trainer.device),
-        "workers": get_allowed_n_proc_DA(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "compiled": trainer._do_i_compile(),  # torch.compile: nnU-Net's default on CUDA
-        "patch": list(config.patch_size),
-        "batch": trainer.batch_size,
-        "features": list(config.network_arch_init_kwargs.get("features_per_stage", [])),
-    }
+    result = timing_record(
+        "nnunet",
+        args.warmup,
+        args.iters,
+        seconds,
+        device=str(trainer.device),
+        workers=get_allowed_n_proc_DA(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        compiled=trainer._do_i_compile(),  # torch.compile: nnU-Net's default on CUDA
+        patch=list(config.patch_size),
+        batch=trainer.batch_size,
+        features=list(config.network_arch_init_kwargs.get("features_per_stage", [])),
+    )
     trainer.on_train_end()
     report(result, args.result)
 

@@ -28,6 +28,19 @@ def time_iterations(step: Callable[[], None], warmup: int, iters: int, sync: Cal
     return time.perf_counter() - start
 
 
+def timing_record(tool: str, warmup: int, iters: int, seconds: float, **setup: object) -> dict[str, object]:
+    """One probe's result: the timing and derived rates, then what was trained and how (``setup``)."""
+    return {
+        "tool": tool,
+        "warmup": warmup,
+        "iters": iters,
+        "seconds": seconds,
+        "it_s": iters / seconds if seconds > 0 else None,
+        "s_per_it": seconds / iters if iters else None,
+        **setup,
+    }
+
+
 def report(result: dict[str, object], path: Path | None) -> None:
     """Print ``result`` as one JSON line and, when ``path`` is given, write it there too."""
     line = json.dumps(result)

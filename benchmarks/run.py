@@ -274,11 +274,14 @@ def run_probe(cmd: list[str], result: Path, log: Path, env: dict[str, str] | Non
     return Probe(json.loads(result.read_text()), run.peak_rss_mb)
 
 
-def time_segpipe_train(work: Path, workers: int, device: str, warmup: int, iters: int, log: Path) -> Probe:
+def time_segpipe_train(
+    work: Path, workers: int, device: str, warmup: int, iters: int, log: Path, compile_: bool = False
+) -> Probe:
     """Training iterations of segpipe (``segpipe_train_probe.py``, this interpreter, ``workers``
-    data-loading processes)."""
+    data-loading processes; ``compile_``: ``torch.compile``)."""
     cmd = [sys.executable, str(SEGPIPE_TRAIN_PROBE), "--work", str(work), "--config", CONFIG, "--fold", str(FOLD)]
     cmd += ["--warmup", str(warmup), "--iters", str(iters), "--workers", str(workers), "--device", device]
+    cmd += ["--compile"] if compile_ else []
     return run_probe(cmd, work / "train_probe.json", log)
 
 
@@ -312,7 +315,7 @@ def bench_train(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str
     """Steady-state training iterations per second of the 3d_fullres plan, fold 0, segpipe (and nnU-Net)."""
     prepared = prepare(args, tmp, log, QUICK_TRAIN_CASES)
     common = (args.workers, args.device, args.warmup_iters, args.iters)
-    ours = time_segpipe_train(prepared.segpipe_work, *common, log)
+    ours = time_segpipe_train(prepared.segpipe_work, *common, log, args.compile)
     theirs = None
     if prepared.nnunet is not None:
         theirs = time_nnunet_train(prepared.data, prepared.nnunet, *common, log)
@@ -469,6 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"predict: images predicted (default {FULL.cases}; --quick {QUICK.cases}).",
     )
+    parser.add_argument("--compile", action="store_true", help="train: segpipe with torch.compile (train --compile).")
     parser.add_argument("--quick", action="store_true", help="Tiny synthetic dataset, no nnU-Net (smoke test).")
     parser.add_argument("--nnunet-bin", type=Path, default=None, help="Directory with the nnUNetv2_* commands.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary work folder (path on stderr).")

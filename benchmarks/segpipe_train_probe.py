@@ -16,11 +16,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from probe_timing import report, time_iterations
+from probe_timing import report, time_iterations, timing_record
 
 from segpipe.sampling import make_loader
 from segpipe.schedules import learning_rate
-from segpipe.training import LOSS_DISPLAY_EVERY, setup, train_batches, train_step
+from segpipe.training import LOSS_DISPLAY_EVERY, augment_in_workers, setup, train_batches, train_step
 
 
 def main() -> None:
@@ -32,11 +32,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50, help="Timed iterations.")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes.")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (segpipe train --compile).")
+    parser.add_argument("--augment-on", default="auto", choices=["auto", "device", "workers"])
     parser.add_argument("--result", type=Path, default=None, help="Also write the JSON line to this file.")
     args = parser.parse_args()
 
     # one epoch long enough for warm-up and measurement, so no loader restarts inside the timing
-    overrides = {"epochs": 1, "iters_per_epoch": args.warmup + args.iters, "num_workers": args.workers}
+    overrides = {
+        "epochs": 1,
+        "iters_per_epoch": args.warmup + args.iters,
+        "num_workers": args.workers,
+        "compile": args.compile,
+        "augment_on": args.augment_on,
+    }
     run = setup(args.work, args.config, args.fold, overrides, device=args.device)
     run.model.train()
     batches = iter(make_loader(train_batches(run, 0), args.workers, pin_memory=run.device.type == "cuda"))
@@ -52,25 +60,22 @@ def main() -> None:
 
     sync = torch.cuda.synchronize if run.device.type == "cuda" else lambda: None
     seconds = time_iterations(step, args.warmup, args.iters, sync)
-    report(
-        {
-            "tool": "segpipe",
-            "warmup": args.warmup,
-            "iters": args.iters,
-            "seconds": seconds,
-            "it_s": args.iters / seconds if seconds > 0 else None,
-            "s_per_it": seconds / args.iters if args.iters else None,
-            "device": str(run.device),
-            "workers": args.workers,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "compiled": False,
-            "patch": list(run.config.patch_size),
-            "batch": run.train_spec.batch_size,
-            "features": list(run.config.topology.features),
-        },
-        args.result,
+    record = timing_record(
+        "segpipe",
+        args.warmup,
+        args.iters,
+        seconds,
+        device=str(run.device),
+        workers=args.workers,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        compiled=run.settings.compile,
+        augment_on="workers" if augment_in_workers(run.settings, run.device) else "device",
+        patch=list(run.config.patch_size),
+        batch=run.train_spec.batch_size,
+        features=list(run.config.topology.features),
     )
+    report(record, args.result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from click.testing import Result
 from conftest import run_cli
 
 from segpipe.atomic import read_json
+from segpipe.augment import AUGMENTATIONS, AugmentationConfig
 from segpipe.checkpoint import FINAL, LATEST, load_checkpoint
 from segpipe.plans import TrainingSettings, load_plans
 from segpipe.schedules import cycle_ends, learning_rate, poly, sgdr_cycle_ends, training_progress
@@ -415,3 +416,27 @@ def test_gradient_accumulation_matches_the_large_batch(prepared_work: Path, tmp_
         torch.testing.assert_close(after_accumulated[k], v, rtol=1e-4, atol=1e-6)
         changed += int(not torch.equal(before[k], v))
     assert changed > 0
+
+
+def test_augmentation_on_the_device_trains_like_augmentation_in_workers(prepared_work: Path, tmp_path: Path) -> None:
+    """``augment_on=device`` (the GPU path: workers only crop, the training process augments the batch)
+    gives the same weights as augmenting in the workers, for the same seed (noise off: its random stream
+    is the device's)."""
+    if "test-no-noise" not in AUGMENTATIONS.names():
+        AUGMENTATIONS.register("test-no-noise")(AugmentationConfig(p_noise=0.0, p_rotation=0.5, p_scale=0.5))
+    weights = {}
+    for where in ("workers", "device"):
+        overrides = {
+            "epochs": 1,
+            "iters_per_epoch": 3,
+            "val_iters": 1,
+            "num_workers": 0,
+            "num_folds": 2,
+            "augmentation": "test-no-noise",
+            "augment_on": where,
+        }
+        run = setup(copy_work(prepared_work, tmp_path / where), CONFIG, 0, overrides, device="cpu")
+        fit(run, num_workers=0)
+        weights[where] = run.model.state_dict()
+    for key, value in weights["workers"].items():
+        assert torch.allclose(value, weights["device"][key], atol=1e-5), key
