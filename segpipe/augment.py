@@ -74,6 +74,7 @@ class AugmentParams:
     rotation: list[float] | None = None  # radians about axes 0, 1, 2
     scale: float | None = None
     noise_std: float | None = None
+    noise_seed: int = 0  # the noise's own generator seed, so the noise too replays exactly
     blur_sigma: list[float | None] = field(default_factory=list)  # per channel
     brightness: float | None = None
     contrast: float | None = None
@@ -126,6 +127,7 @@ class Augmenter:
             p.scale = float(u(*c.scale_range))
         if rng.random() < c.p_noise:
             p.noise_std = float(math.sqrt(u(*c.noise_variance)))
+            p.noise_seed = int(rng.integers(2**31))
         blur = rng.random() < c.p_blur
         p.blur_sigma = [
             float(u(*c.blur_sigma)) if blur and rng.random() < 0.5 else None for _ in range(self.num_channels)
@@ -173,7 +175,7 @@ def apply(
         image, label = _center_crop(image, patch), _center_crop(label, patch)
     image = image.float()
     if params.noise_std is not None:
-        image = image + torch.randn_like(image) * params.noise_std
+        image = image + noise_like(image, params.noise_seed) * params.noise_std
     for ch, sigma in enumerate(params.blur_sigma):
         if sigma is not None:
             image[ch] = torch.as_tensor(GaussianSmooth(sigma=sigma)(image[ch : ch + 1]))[0]
@@ -190,6 +192,13 @@ def apply(
         dims = [a + 1 for a in params.mirror]
         image, label = image.flip(dims), label.flip(dims)
     return image.contiguous(), label.round().to(torch.int8).contiguous()
+
+
+def noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, on its device, from its own generator seeded by ``seed``
+    (the same numbers wherever it is drawn on that kind of device: workers or training process)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _center_crop(x: torch.Tensor, patch: list[int]) -> torch.Tensor:

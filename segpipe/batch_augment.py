@@ -6,8 +6,8 @@ drawn :class:`~segpipe.augment.AugmentParams` to a stacked batch: one ``affine_g
 ``grid_sample`` per interpolation mode resample every rotated/scaled sample, and the intensity
 transforms are batched tensor operations, so in the training process the per-sample CPU work becomes
 a few GPU kernels (on CPU tensors, in workers, it is the same work, vectorised). On the same parameters
-the result equals :func:`segpipe.augment.apply` up to float rounding (noise aside: its random stream
-differs). The caller crops every sample around its patch centre to one common extent
+the result equals :func:`segpipe.augment.apply` up to float rounding (noise included: each sample's
+noise comes from its own drawn seed). The caller crops every sample around its patch centre to one common extent
 (:func:`batch_extent`); :func:`center_pad_or_crop` keeps :func:`segpipe.sampling.crop_padded`'s centring.
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segpipe.augment import Augmenter, AugmentParams, _contrast, _gamma, _simulate_lowres, source_extent
+from segpipe.augment import Augmenter, AugmentParams, _contrast, _gamma, _simulate_lowres, noise_like, source_extent
 from segpipe.mask_augment import apply_mask_augmentation_batch
 
 # MONAI GaussianSmooth's defaults: GaussianFilter(truncated=4.0, approx="erf")
@@ -89,7 +89,6 @@ def apply_batch(
     params: list[AugmentParams],
     patch: list[int],
     num_image_channels: int | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Augment a batch as :func:`segpipe.augment.apply` does each sample, on the tensors' device.
 
@@ -98,7 +97,7 @@ def apply_batch(
     :func:`segpipe.sampling.crop_padded` or :func:`center_pad_or_crop`. Channels from
     ``num_image_channels`` on (default: none) are segmentation-like inputs (the cascade's one-hot
     masks): they are rotated/scaled with nearest interpolation and mirrored, never intensity-augmented.
-    ``generator`` (on the tensors' device) draws the noise. Returns ``images`` ``(B, C, *patch)`` float32
+    Each sample's noise comes from its own ``noise_seed``. Returns ``images`` ``(B, C, *patch)`` float32
     and ``labels`` ``(B, 1, *patch)`` int8, both contiguous.
     """
     b, c = images.shape[:2]
@@ -110,7 +109,7 @@ def apply_batch(
     # extra channels and label share the nearest-neighbour resampling
     seg = torch.cat([images[:, n_img:].float(), labels.float()], dim=1)
     image, seg = _spatial(images[:, :n_img].float(), seg, params, patch)
-    image = _intensity(image.contiguous(), params, generator)
+    image = _intensity(image.contiguous(), params)
     out = torch.cat([image, seg[:, :-1]], dim=1)
     label = seg[:, -1:]
     for axes in {tuple(p.mirror) for p in params if p.mirror}:
@@ -140,7 +139,7 @@ def _spatial(image: Tensor, seg: Tensor, params: list[AugmentParams], patch: lis
     return out_image.index_copy(0, idx, warped), out_seg.index_copy(0, idx, warped_seg)
 
 
-def _intensity(image: Tensor, params: list[AugmentParams], generator: torch.Generator | None) -> Tensor:
+def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
     """Noise, blur, brightness, contrast, low resolution, gamma, in :func:`segpipe.augment.apply`'s order.
 
     Works on the ``(B * C, *patch)`` rows (one per sample and channel), which is the layout augment.py's
@@ -157,8 +156,8 @@ def _intensity(image: Tensor, params: list[AugmentParams], generator: torch.Gene
         return torch.tensor(values, device=dev, dtype=torch.float32).repeat_interleave(n_img).view(-1, 1, 1, 1)
 
     noisy = [i for i, p in enumerate(params) if p.noise_std is not None]
-    if noisy:
-        noise = torch.randn((len(noisy) * n_img, *patch), generator=generator, device=dev)
+    if noisy:  # each sample's noise from its own seed: equal to the reference's, replayable
+        noise = torch.cat([noise_like(image[i], params[i].noise_seed) for i in noisy])
         idx = sample_rows(noisy)
         rows[idx] = rows[idx] + noise * per_row([params[i].noise_std for i in noisy])
 
@@ -224,11 +223,10 @@ def augment_batch(
     labels: Tensor,
     params: list[AugmentParams],
     patch: list[int],
-    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The whole training augmentation of a batch: :func:`apply_batch`, then, for a cascade, the
     morphology and component removal of the one-hot channels on the whole (spatially transformed) patch."""
-    images, labels = apply_batch(images, labels, params, patch, augmenter.num_channels, generator)
+    images, labels = apply_batch(images, labels, params, patch, augmenter.num_channels)
     masks = [p.mask for p in params]
     if augmenter.num_mask_channels and any(m is not None and not m.is_identity for m in masks):
         c = augmenter.num_channels

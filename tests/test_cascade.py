@@ -141,7 +141,7 @@ def test_cascade_chain_end_to_end(cascade_work: tuple[Path, Path], tmp_path: Pat
 
 def test_training_batches_carry_one_hot_stage1_channels(cascade_work: tuple[Path, Path], tmp_path: Path) -> None:
     """Batches of a cascade stage 2: image + one-hot stage-1 channels that stay one-hot through every
-    augmentation (in the workers or in the training process, which give the same batch without noise)."""
+    augmentation (in the workers or in the training process, which give the same batch)."""
     _, work = cascade_work
     plans = load_plans(WorkDir(work).plans)
     config = plans.configuration(CASCADE)
@@ -155,8 +155,7 @@ def test_training_batches_carry_one_hot_stage1_channels(cascade_work: tuple[Path
         noisy = np.where(rng.random(label.shape) < 0.05, rng.integers(0, 3, label.shape), label)
         np.save(previous / f"{case}.npy", noisy.astype(np.int8))
     spec = SamplerSpec(folder, cases, config.patch_size, 4, 0.5, [1, 2], previous)
-    no_noise = AugmentationConfig(p_noise=0.0, p_rotation=0.5, p_scale=0.5)
-    augmenter = Augmenter(no_noise, 1, 2)
+    augmenter = Augmenter(AugmentationConfig(p_noise=0.5, p_rotation=0.5, p_scale=0.5), 1, 2)
 
     plain = next(iter(PatchBatches(spec, 1, seed=3, epoch=0, augmenter=None)))
     assert plain["image"].shape == (4, 3, *config.patch_size)

@@ -420,10 +420,9 @@ def test_gradient_accumulation_matches_the_large_batch(prepared_work: Path, tmp_
 
 def test_augmentation_on_the_device_trains_like_augmentation_in_workers(prepared_work: Path, tmp_path: Path) -> None:
     """``augment_on=device`` (the GPU path: workers only crop, the training process augments the batch)
-    gives the same weights as augmenting in the workers, for the same seed (noise off: its random stream
-    is the device's)."""
-    if "test-no-noise" not in AUGMENTATIONS.names():
-        AUGMENTATIONS.register("test-no-noise")(AugmentationConfig(p_noise=0.0, p_rotation=0.5, p_scale=0.5))
+    gives the same weights as augmenting in the workers, for the same seed (noise too: it has its own seed)."""
+    if "test-frequent" not in AUGMENTATIONS.names():
+        AUGMENTATIONS.register("test-frequent")(AugmentationConfig(p_noise=0.5, p_rotation=0.5, p_scale=0.5))
     weights = {}
     for where in ("workers", "device"):
         overrides = {
@@ -432,7 +431,7 @@ def test_augmentation_on_the_device_trains_like_augmentation_in_workers(prepared
             "val_iters": 1,
             "num_workers": 0,
             "num_folds": 2,
-            "augmentation": "test-no-noise",
+            "augmentation": "test-frequent",
             "augment_on": where,
         }
         run = setup(copy_work(prepared_work, tmp_path / where), CONFIG, 0, overrides, device="cpu")
