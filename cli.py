@@ -309,8 +309,7 @@ def predict(
     from segpipe.ensemble import Members
     from segpipe.errors import StageFailed
     from segpipe.nifti import InputError
-    from segpipe.plans import load_plans
-    from segpipe.predict import PredictOptions, predict_cascade, predict_folder
+    from segpipe.predict import PredictOptions, predict_configuration
 
     options = PredictOptions(
         step=step,
@@ -325,12 +324,7 @@ def predict(
         # the ranks meet once, at the end: rank 0 may wait long there for a rank with slower cases
         dist = distributed.init(device, timeout=timedelta(hours=24))
         members = Members(_folds(folds), weights, snapshots)
-        if load_plans(work / "plans.json").configuration(config).previous_stage:
-            summary = predict_cascade(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
-        elif prev_stage is not None:
-            raise ValueError(f"--prev-stage is for cascade configurations; {config} has no previous stage")
-        else:
-            summary = predict_folder(input_dir, output_dir, work, config, members, options, device, dist=dist)
+        summary = predict_configuration(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
     except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
         _fail(exc)
     finally:

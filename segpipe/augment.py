@@ -1,10 +1,12 @@
-"""Training-time augmentation, run in data-loader workers on ``(C, X, Y, Z)`` patches.
+"""Training augmentation: what is drawn, and the per-sample reference that defines what it does.
 
 Each random transform first draws its parameters (:meth:`Augmenter.draw`, from a seeded numpy
-generator), then a deterministic function applies them (:func:`apply`). Parameters are plain
-dataclasses, so any augmentation can be logged and replayed exactly. Probabilities follow
-nnU-Net's defaults. The spatial part samples the rotated/scaled patch from a larger crop
-(:func:`source_extent` says how large) with MONAI's deterministic ``Affine``.
+generator, in the data-loader workers); deterministic functions apply them. Parameters are plain
+dataclasses (noise included: it has its own seed), so any augmentation can be logged and replayed
+exactly. Probabilities follow nnU-Net's defaults. Training applies them to whole batches with
+:mod:`segpipe.batch_augment`; :func:`apply` here does one sample with MONAI's deterministic ``Affine``
+and ``GaussianSmooth`` and is the reference the batched path is tested against. The spatial part
+samples the rotated/scaled patch from a larger crop (:func:`source_extent` says how large).
 """
 
 from __future__ import annotations
@@ -182,12 +184,12 @@ def apply(
     if params.brightness is not None:
         image = image * params.brightness
     if params.contrast is not None:
-        image = _contrast(image, params.contrast)
+        image = adjust_contrast(image, params.contrast)
     for ch, zoom in enumerate(params.lowres_zoom):
         if zoom is not None:
-            image[ch] = _simulate_lowres(image[ch], zoom)
+            image[ch] = simulate_lowres(image[ch], zoom)
     if params.gamma is not None:
-        image = _gamma(image, params.gamma, params.gamma_inverted)
+        image = adjust_gamma(image, params.gamma, params.gamma_inverted)
     if params.mirror:
         dims = [a + 1 for a in params.mirror]
         image, label = image.flip(dims), label.flip(dims)
@@ -206,7 +208,7 @@ def _center_crop(x: torch.Tensor, patch: list[int]) -> torch.Tensor:
     return x[(slice(None), *[slice(st, st + p) for st, p in zip(starts, patch)])]
 
 
-def _contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
+def adjust_contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
     # scale around each channel's mean, keeping its value range (nnU-Net's ContrastAugmentation)
     dims = tuple(range(1, image.dim()))
     mean = image.mean(dim=dims, keepdim=True)
@@ -214,14 +216,14 @@ def _contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.maximum(torch.minimum((image - mean) * factor + mean, hi), lo)
 
 
-def _simulate_lowres(channel: torch.Tensor, zoom: float) -> torch.Tensor:
+def simulate_lowres(channel: torch.Tensor, zoom: float) -> torch.Tensor:
     shape = channel.shape
     small = [max(1, round(s * zoom)) for s in shape]
     down = F.interpolate(channel[None, None], size=small, mode="nearest")
     return F.interpolate(down, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 
 
-def _gamma(image: torch.Tensor, gamma: float, inverted: bool) -> torch.Tensor:
+def adjust_gamma(image: torch.Tensor, gamma: float, inverted: bool) -> torch.Tensor:
     # gamma on the [0, 1]-rescaled image, restoring mean and std afterwards (retain_stats)
     sign = -1.0 if inverted else 1.0
     x = image * sign

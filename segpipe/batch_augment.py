@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segpipe.augment import Augmenter, AugmentParams, _contrast, _gamma, _simulate_lowres, noise_like, source_extent
+from segpipe.augment import (
+    Augmenter,
+    AugmentParams,
+    adjust_contrast,
+    adjust_gamma,
+    noise_like,
+    simulate_lowres,
+    source_extent,
+)
 from segpipe.mask_augment import apply_mask_augmentation_batch
 
 # MONAI GaussianSmooth's defaults: GaussianFilter(truncated=4.0, approx="erf")
@@ -176,19 +184,19 @@ def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
     contrast = [i for i, p in enumerate(params) if p.contrast is not None]
     if contrast:
         idx = sample_rows(contrast)
-        rows[idx] = _contrast(rows[idx], per_row([params[i].contrast for i in contrast]))  # type: ignore[arg-type]
+        rows[idx] = adjust_contrast(rows[idx], per_row([params[i].contrast for i in contrast]))  # type: ignore[arg-type]
 
     # each channel's own zoom gives its own low-res grid: one small interpolate pair per channel
     for i, p in enumerate(params):
         for ch, zoom in enumerate(p.lowres_zoom[:n_img]):
             if zoom is not None:
-                rows[i * n_img + ch] = _simulate_lowres(rows[i * n_img + ch], zoom)
+                rows[i * n_img + ch] = simulate_lowres(rows[i * n_img + ch], zoom)
 
     for inverted in (False, True):
         which = [i for i, p in enumerate(params) if p.gamma is not None and p.gamma_inverted == inverted]
         if which:
             idx = sample_rows(which)
-            rows[idx] = _gamma(rows[idx], per_row([params[i].gamma for i in which]), inverted)  # type: ignore[arg-type]
+            rows[idx] = adjust_gamma(rows[idx], per_row([params[i].gamma for i in which]), inverted)  # type: ignore[arg-type]
     return rows.view(b, n_img, *patch)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from segpipe.atomic import read_json, remove_stale_temporaries, save_npy
 from segpipe.nifti import InputError, load_nifti
 from segpipe.paths import VALIDATION_FOLDERS, CaseFilesOnDisk, WorkDir
-from segpipe.plans import Configuration, Plans, load_plans
+from segpipe.plans import Configuration, Plans
 from segpipe.preprocessing import CaseProperties, PreprocessedCase, list_preprocessed, load_properties
 from segpipe.resampling import resample_label
 
@@ -101,16 +101,14 @@ def out_of_fold_predictions(work: Path, config: Configuration, case_ids: list[st
     return found
 
 
-def prepare_training_inputs(work: Path, config_name: str) -> Path:
+def prepare_training_inputs(work: Path, plans: Plans, config: Configuration) -> Path:
     """Write ``WORK/<config>/previous_stage/CASE.npy`` for every preprocessed case from stage 1's
     out-of-fold predictions (a case is redone when its prediction is newer); return the folder."""
     wd = WorkDir(work)
-    plans = load_plans(wd.plans)
-    config = plans.configuration(config_name)
     data = wd.preprocessed(config.data_identifier)
     cases = list_preprocessed(data)
     sources = out_of_fold_predictions(work, config, cases)
-    out = wd.previous_stage(config_name)
+    out = wd.previous_stage(config.name)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     for case in cases:

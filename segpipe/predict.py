@@ -379,6 +379,25 @@ def predict_folder(
     return summary
 
 
+def predict_configuration(
+    input_dir: Path,
+    output_dir: Path,
+    work: Path,
+    config_name: str,
+    members: Members,
+    options: PredictOptions,
+    device: str = "auto",
+    prev_stage_dir: Path | None = None,
+    dist: DistInfo = SINGLE,
+) -> dict:
+    """``segpipe predict``: :func:`predict_cascade` for a cascade stage, else :func:`predict_folder`."""
+    if load_plans(WorkDir(work).plans).configuration(config_name).previous_stage:
+        return predict_cascade(input_dir, output_dir, work, config_name, members, options, device, prev_stage_dir, dist)
+    if prev_stage_dir is not None:
+        raise ValueError(f"--prev-stage is for cascade configurations; {config_name} has no previous stage")
+    return predict_folder(input_dir, output_dir, work, config_name, members, options, device, dist=dist)
+
+
 STAGE1_FOLDER = "stage1_{config}"  # inside the output folder: stage 1's segmentations, reusable with --prev-stage
 
 

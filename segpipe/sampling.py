@@ -119,13 +119,18 @@ class PatchBatches(IterableDataset):
         self.augment_in_workers = augment_in_workers
         self._cases: _CaseCache | None = None
 
+    @property
+    def cases(self) -> _CaseCache:
+        """The opened cases, created on first use in each worker process."""
+        if self._cases is None:
+            self._cases = _CaseCache(self.spec.folder, self.spec.previous_stage)
+        return self._cases
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         torch.manual_seed(int(rng.integers(2**31)))
-        if self._cases is None:
-            self._cases = _CaseCache(self.spec.folder, self.spec.previous_stage)
         for _ in range(worker, self.num_batches, workers):
             yield self.make_batch(rng)
 
@@ -134,8 +139,7 @@ class PatchBatches(IterableDataset):
         (:func:`batch_extent`) and the drawn parameters travel along as ``params``; the augmentation
         itself runs here when ``augment_in_workers``, else in the training process (on its device)."""
         spec = self.spec
-        cases = self._cases or _CaseCache(spec.folder, spec.previous_stage)
-        self._cases = cases
+        cases = self.cases
         n_random = round(spec.batch_size * (1 - spec.oversample_foreground))
         drawn = [self.augmenter.draw(rng) for _ in range(spec.batch_size)] if self.augmenter else None
         extent = batch_extent(spec.patch_size, drawn) if drawn else spec.patch_size

@@ -141,7 +141,7 @@ def setup(
     previous = None
     with distributed.main_first(dist):  # rank 0 creates splits.json (and stage-2 inputs), the others read them
         if config.previous_stage:
-            previous = prepare_training_inputs(work, config_name)  # refuses while stage 1 is missing
+            previous = prepare_training_inputs(work, plans, config)  # refuses while stage 1 is missing
         splits = load_or_create_splits(wd.splits, cases, settings.num_folds, settings.seed)
     if not 0 <= fold < len(splits):
         raise ValueError(f"fold {fold} does not exist: {wd.splits} has {len(splits)} folds")
