@@ -12,7 +12,7 @@ import click
 
 
 def _workers(value: int | None) -> int:
-    from segpipe.parallel import default_workers
+    from segpipe.core.parallel import default_workers
 
     return value if value else default_workers()
 
@@ -32,7 +32,7 @@ def main() -> None:
 @click.argument("dataset", type=click.Path(path_type=Path))
 def check(dataset: Path) -> None:
     """Validate a dataset (MSD or nnU-Net v2 layout) and list every problem."""
-    from segpipe.dataset import check_dataset
+    from segpipe.data.dataset import check_dataset
 
     problems = check_dataset(dataset)
     for p in problems:
@@ -50,7 +50,7 @@ def check(dataset: Path) -> None:
 def demo(out: Path, minutes: float, device: str) -> None:
     """Synthetic data -> plan -> preprocess -> train -> predict -> Dice, in a few minutes on a CPU."""
     from segpipe.demo import run_demo
-    from segpipe.evaluation import summary_table
+    from segpipe.evaluation.metrics import summary_table
 
     click.echo(summary_table(run_demo(out, minutes, device)))
 
@@ -68,7 +68,7 @@ def synth(
     out: Path, cases: int, test_cases: int, shape: str, spacing: str, labels: int, seed: int, body_fill: float | None
 ) -> None:
     """Write a synthetic MSD-layout dataset of random phantoms."""
-    from segpipe.synth import make_synthetic_dataset
+    from segpipe.data.synth import make_synthetic_dataset
 
     make_synthetic_dataset(
         out,
@@ -90,9 +90,9 @@ def synth(
 @click.option("--workers", type=int, default=None, help="Processes (default: all cores).")
 def plan(dataset: Path, work: Path, preset: str, workers: int | None) -> None:
     """Fingerprint a dataset and write WORK/plans.json."""
-    from segpipe.errors import StageFailed
-    from segpipe.nifti import InputError
-    from segpipe.planning import describe_plans, run_plan
+    from segpipe.core.errors import StageFailed
+    from segpipe.data.nifti import InputError
+    from segpipe.planning.planner import describe_plans, run_plan
 
     try:
         plans = run_plan(dataset, work, preset, _workers(workers))
@@ -114,11 +114,11 @@ def preprocess(
     """Crop, resample, normalize and store cases (runs plan first if WORK/plans.json is missing)."""
     import time
 
-    from segpipe.errors import StageFailed
-    from segpipe.nifti import InputError
-    from segpipe.paths import WorkDir
-    from segpipe.planning import describe_plans, run_plan
-    from segpipe.preprocessing import run_preprocessing
+    from segpipe.core.errors import StageFailed
+    from segpipe.core.paths import WorkDir
+    from segpipe.data.nifti import InputError
+    from segpipe.planning.planner import describe_plans, run_plan
+    from segpipe.preprocessing.preprocess import run_preprocessing
 
     start = time.perf_counter()
     try:
@@ -183,10 +183,10 @@ def train(
     """Train one fold (or all); at the end predict its validation cases and write validation/summary.json.
 
     Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
-    from segpipe import distributed
-    from segpipe.evaluation import summary_table
-    from segpipe.training import fit, num_folds, setup
-    from segpipe.validation import validate_fold
+    from segpipe.evaluation.metrics import summary_table
+    from segpipe.scale import distributed
+    from segpipe.training.loop import fit, num_folds, setup
+    from segpipe.training.validation import validate_fold
 
     try:
         folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
@@ -216,8 +216,8 @@ def _train_on_gpus(work: Path, config: str, folds: list[int], gpus: list[int], d
     """``train --gpus``: this same command once per GPU, each with its round-robin share of the folds."""
     import torch
 
-    from segpipe.distributed import from_env
-    from segpipe.fold_launcher import check_gpus, plan_jobs, run_jobs
+    from segpipe.scale.distributed import from_env
+    from segpipe.scale.fold_launcher import check_gpus, plan_jobs, run_jobs
 
     check_gpus(gpus, torch.cuda.device_count(), device, from_env().enabled)
     command = _repeat_command(click.get_current_context(), {"fold", "gpus"})
@@ -305,11 +305,11 @@ def predict(
     Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result."""
     from datetime import timedelta
 
-    from segpipe import distributed
-    from segpipe.ensemble import Members
-    from segpipe.errors import StageFailed
-    from segpipe.nifti import InputError
-    from segpipe.predict import PredictOptions, predict_configuration
+    from segpipe.core.errors import StageFailed
+    from segpipe.data.nifti import InputError
+    from segpipe.inference.ensemble import Members
+    from segpipe.inference.predict import PredictOptions, predict_configuration
+    from segpipe.scale import distributed
 
     options = PredictOptions(
         step=step,
@@ -339,8 +339,8 @@ def predict(
 @click.option("--labels", default=None, help="Comma-separated label values (default: all in the references).")
 def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | None) -> None:
     """Dice and HD95 (mm) per label and case of a prediction folder against references."""
-    from segpipe.evaluation import evaluate_folder, summary_table
-    from segpipe.nifti import InputError
+    from segpipe.data.nifti import InputError
+    from segpipe.evaluation.metrics import evaluate_folder, summary_table
 
     try:
         summary = evaluate_folder(
@@ -364,11 +364,11 @@ def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | No
 )
 def ensemble(inputs: tuple[Path, ...], output_dir: Path, work: Path) -> None:
     """Average the CASE.npz probabilities of prediction folders (from --save-probabilities) case by case."""
-    from segpipe.ensemble import ensemble_folders
-    from segpipe.errors import StageFailed
-    from segpipe.nifti import InputError
-    from segpipe.paths import WorkDir
-    from segpipe.plans import load_plans
+    from segpipe.core.errors import StageFailed
+    from segpipe.core.paths import WorkDir
+    from segpipe.data.nifti import InputError
+    from segpipe.inference.ensemble import ensemble_folders
+    from segpipe.planning.plans import load_plans
 
     try:
         labels = load_plans(WorkDir(work).plans).foreground_labels
@@ -383,8 +383,8 @@ def ensemble(inputs: tuple[Path, ...], output_dir: Path, work: Path) -> None:
 @click.option("--config", default="3d_fullres", show_default=True)
 def postprocess(work: Path, config: str) -> None:
     """Decide largest-component postprocessing on the folds' validation/ predictions; write postprocessing.json."""
-    from segpipe.nifti import InputError
-    from segpipe.postprocess import describe_decision, run_postprocessing_decision
+    from segpipe.data.nifti import InputError
+    from segpipe.evaluation.postprocessing_decision import describe_decision, run_postprocessing_decision
 
     try:
         decision = run_postprocessing_decision(work, config)
@@ -399,8 +399,8 @@ def postprocess(work: Path, config: str) -> None:
 @click.option("--configs", default=None, help="Comma-separated configurations (default: all with run folders).")
 def report(work: Path, configs: str | None) -> None:
     """Compare final/SWA/snapshot weights and configuration ensembles out of fold; write WORK/report/."""
-    from segpipe.nifti import InputError
-    from segpipe.report import build_report
+    from segpipe.data.nifti import InputError
+    from segpipe.evaluation.report import build_report
 
     try:
         result = build_report(work, configs.split(",") if configs else None)

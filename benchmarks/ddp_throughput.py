@@ -42,8 +42,8 @@ def prepare(work: Path, shape: str) -> None:
 def measure(work: Path, iters: int, device: str, config: str) -> dict | None:
     import torch
 
-    from segpipe import distributed
-    from segpipe.training import setup, train_batches, train_step
+    from segpipe.scale import distributed
+    from segpipe.training.loop import setup, train_batches, train_step
 
     info = distributed.init(device)
     warmup = 2

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from probe_timing import report, time_iterations, timing_record
 
-from segpipe.sampling import make_loader
-from segpipe.schedules import learning_rate
-from segpipe.training import LOSS_DISPLAY_EVERY, augment_in_workers, setup, train_batches, train_step
+from segpipe.training.loop import LOSS_DISPLAY_EVERY, augment_in_workers, setup, train_batches, train_step
+from segpipe.training.sampling import make_loader
+from segpipe.training.schedules import learning_rate
 
 
 def main() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from segpipe.planning import describe_plans, run_plan
-from segpipe.preprocessing import run_preprocessing
-from segpipe.synth import make_synthetic_dataset
-from segpipe.training import fit, setup
-from segpipe.validation import validate_fold
+from segpipe.data.synth import make_synthetic_dataset
+from segpipe.planning.planner import describe_plans, run_plan
+from segpipe.preprocessing.preprocess import run_preprocessing
+from segpipe.training.loop import fit, setup
+from segpipe.training.validation import validate_fold
 
 DEMO_CASES = 20
 DEMO_SHAPE = (48, 48, 36)

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cli import main
-from segpipe.atomic import read_json, write_json
-from segpipe.nifti import load_nifti, save_nifti, strip_nifti_ending
-from segpipe.synth import make_synthetic_dataset
+from segpipe.core.atomic import read_json, write_json
+from segpipe.data.nifti import load_nifti, save_nifti, strip_nifti_ending
+from segpipe.data.synth import make_synthetic_dataset
 
 HIPPOCAMPUS = Path(__file__).parents[1].parent / "shared/data/Task04_Hippocampus"
 requires_hippocampus = pytest.mark.skipif(

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from cli import main
-from segpipe import distributed, runlog, training
-from segpipe.training import setup, train_batches, train_step
+from segpipe.runs import runlog
+from segpipe.scale import distributed
+from segpipe.training import loop as training
+from segpipe.training.loop import setup, train_batches, train_step
 
 CONFIG = "3d_fullres"
 OVERRIDES = {"epochs": 1, "iters_per_epoch": 2, "val_iters": 1, "num_workers": 0, "num_folds": 2}

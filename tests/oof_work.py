@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.atomic import save_npz, write_json
-from segpipe.dataset import CaseFiles, Dataset
-from segpipe.nifti import save_nifti
-from segpipe.paths import WorkDir
-from segpipe.plans import Configuration, Normalization, Plans, Topology, TrainingSettings, save_plans
+from segpipe.core.atomic import save_npz, write_json
+from segpipe.core.paths import WorkDir
+from segpipe.data.dataset import CaseFiles, Dataset
+from segpipe.data.nifti import save_nifti
+from segpipe.planning.plans import Configuration, Normalization, Plans, Topology, TrainingSettings, save_plans
 
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 LABELS = {"background": 0, "a": 1, "b": 2}

@@ -30,18 +30,18 @@ import torch
 from click.testing import Result
 from conftest import run_cli, truncate, write_nnunet_dataset
 
-import segpipe.atomic
-import segpipe.nifti
-from segpipe.atomic import read_json, remove_stale_temporaries, write_json
-from segpipe.checkpoint import FINAL, load_checkpoint
-from segpipe.dataset import CaseFiles, read_case
-from segpipe.inference import choose_accumulation_device
-from segpipe.manifest import MANIFEST_NAME
-from segpipe.nifti import load_nifti, save_nifti
-from segpipe.plans import load_plans
-from segpipe.predict import restore_classes, restore_geometry
-from segpipe.preprocessing import PreprocessedCase, preprocess_case
-from segpipe.training import setup
+import segpipe.core.atomic
+import segpipe.data.nifti
+from segpipe.core.atomic import read_json, remove_stale_temporaries, write_json
+from segpipe.data.dataset import CaseFiles, read_case
+from segpipe.data.nifti import load_nifti, save_nifti
+from segpipe.inference.manifest import MANIFEST_NAME
+from segpipe.inference.predict import restore_classes, restore_geometry
+from segpipe.inference.sliding_window import choose_accumulation_device
+from segpipe.planning.plans import load_plans
+from segpipe.preprocessing.preprocess import PreprocessedCase, preprocess_case
+from segpipe.runs.checkpoint import FINAL, load_checkpoint
+from segpipe.training.loop import setup
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "3d_fullres"
@@ -218,13 +218,13 @@ def test_predict_full_disk_fails_one_case_cleanly(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(img, filename)
 
-    monkeypatch.setattr(segpipe.nifti.nib, "save", save_until_full)
+    monkeypatch.setattr(segpipe.data.nifti.nib, "save", save_until_full)
     output = failed(predict(inputs, out, model_work))
     assert_reported(failure_entries(out), output, out / b.name, "No space left on device")
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [a.name]
     assert temporaries(out) == []
 
-    monkeypatch.setattr(segpipe.nifti.nib, "save", real_save)
+    monkeypatch.setattr(segpipe.data.nifti.nib, "save", real_save)
     output = ok(predict(inputs, out, model_work))
     assert "'predicted': 1, 'skipped': 1, 'failed': 0" in output
     assert not (out / "failures.json").exists()
@@ -310,7 +310,7 @@ def test_preprocess_full_disk_names_the_file(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(fh, array)
 
-    monkeypatch.setattr(segpipe.atomic.np, "save", save_until_full)
+    monkeypatch.setattr(segpipe.core.atomic.np, "save", save_until_full)
     output = failed(run_cli("preprocess", synthetic_dataset, "-o", work, "--workers", 1))
     folder = work / "preprocessed" / CONFIG
     assert f"synth_003: [Errno 28] No space left on device: '{folder / 'synth_003.npy'}'" in output

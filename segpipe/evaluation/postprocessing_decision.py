@@ -1,0 +1,142 @@
+"""Deciding postprocessing by connected components on out-of-fold predictions (as nnU-Net).
+
+Sits after training and validation: it reads the folds' out-of-fold predictions
+(``WORK/<config>/fold_<k>/validation/CASE.nii.gz``) and the reference labels named in
+``WORK/dataset.json``, tests whether keeping only the largest connected component (of all foreground
+together, then of each label) raises the cross-validation Dice, and writes the decision to
+``WORK/<config>/postprocessing.json``, which :mod:`segpipe.inference.postprocessing` applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.core.atomic import read_json, write_json
+from segpipe.core.paths import WorkDir
+from segpipe.data.dataset import Dataset
+from segpipe.data.nifti import InputError, strip_nifti_ending
+from segpipe.evaluation.metrics import dice, load_label_map
+from segpipe.inference.postprocessing import keep_largest_component
+from segpipe.planning.plans import load_plans
+
+
+def decide_postprocessing(pred_dirs: list[Path], gt_paths: dict[str, Path], labels: list[int]) -> dict[str, Any]:
+    """Decide, on out-of-fold predictions, which largest-component steps raise Dice.
+
+    ``pred_dirs`` hold ``CASE.nii.gz`` predictions (e.g. every fold's ``validation/``); ``gt_paths``
+    maps case ids to reference label files. Dice per label is averaged over cases ignoring NaN (both
+    masks empty); the mean over labels ignores labels that are NaN everywhere. Rules (nnU-Net's):
+    keep the largest foreground component when the mean Dice over labels rises strictly and no
+    label's Dice falls; then, on top of that result, keep the largest component of a label when that
+    label's Dice rises strictly. Each case is read once; removing components of one label does not
+    change the Dice of another, so every variant is scored in that single pass.
+    """
+    labels = [int(v) for v in labels]
+    files = _prediction_files(pred_dirs, gt_paths)
+    scores: dict[str, dict[int, list[float]]] = {k: {v: [] for v in labels} for k in ("raw", "fg", "raw_l", "fg_l")}
+    for case, pred_path in files.items():
+        pred, _ = load_label_map(pred_path)
+        gt, _ = load_label_map(gt_paths[case])
+        if pred.shape != gt.shape:
+            raise InputError(pred_path, f"shape {pred.shape} differs from reference {gt_paths[case]} shape {gt.shape}")
+        fg = keep_largest_component(pred, None)
+        for label in labels:
+            scores["raw"][label].append(dice(pred, gt, label))
+            scores["fg"][label].append(dice(fg, gt, label))
+            scores["raw_l"][label].append(dice(keep_largest_component(pred, [label]), gt, label))
+            scores["fg_l"][label].append(dice(keep_largest_component(fg, [label]), gt, label))
+    mean = {k: {v: _nanmean(s) for v, s in per_label.items()} for k, per_label in scores.items()}
+
+    before = mean["raw"]
+    use_fg = _nanmean(list(mean["fg"].values())) > _nanmean(list(before.values())) and not any(
+        _worse(mean["fg"][v], before[v]) for v in labels
+    )
+    current = dict(mean["fg"] if use_fg else before)
+    candidate = mean["fg_l" if use_fg else "raw_l"]
+    per_label = [v for v in labels if _better(candidate[v], current[v])]
+    after = {v: candidate[v] if v in per_label else current[v] for v in labels}
+    return {
+        "foreground_largest_component": bool(use_fg),
+        "per_label_largest_component": per_label,
+        "dice_before": {str(v): before[v] for v in labels},
+        "dice_after": {str(v): after[v] for v in labels},
+        "mean_dice_before": _nanmean(list(before.values())),
+        "mean_dice_after": _nanmean(list(after.values())),
+        "num_cases": len(files),
+        "connectivity": "faces (6 neighbours)",
+    }
+
+
+def run_postprocessing_decision(work: Path, config: str) -> dict[str, Any]:
+    """Decide postprocessing from every fold's ``validation/`` of ``config``; write and return it."""
+    wd = WorkDir(work)
+    plans = load_plans(wd.plans)
+    plans.configuration(config)
+    dataset = Dataset.from_dict(read_json(wd.dataset))
+    gt_paths = {c.case_id: Path(c.label) for c in dataset.training if c.label}
+    num_folds = len(read_json(wd.splits)) if wd.splits.is_file() else 0
+    folds = [k for k in range(num_folds) if (wd.run(config, k) / "validation").is_dir()]
+    if not folds:
+        raise FileNotFoundError(f"{wd.root / config}: no fold_<k>/validation/ folder; train (with validation) first")
+    pred_dirs = [wd.run(config, k) / "validation" for k in folds]
+    decision = decide_postprocessing(pred_dirs, gt_paths, plans.foreground_labels)
+    decision["folds"] = folds
+    write_json(wd.postprocessing(config), decision)
+    return decision
+
+
+def describe_decision(decision: dict[str, Any]) -> str:
+    """A few lines for the command line."""
+    per_label = decision["per_label_largest_component"]
+    lines = [
+        f"largest foreground component: {'yes' if decision['foreground_largest_component'] else 'no'}",
+        f"largest component per label: {', '.join(map(str, per_label)) if per_label else 'none'}",
+    ]
+    for key, value in decision["dice_before"].items():
+        lines.append(f"label {key}: Dice {_fmt(value)} -> {_fmt(decision['dice_after'][key])}")
+    lines.append(f"({decision['num_cases']} out-of-fold cases)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _prediction_files(pred_dirs: list[Path], gt_paths: dict[str, Path]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for folder in pred_dirs:
+        if not Path(folder).is_dir():
+            raise InputError(folder, "prediction folder not found")
+        for path in sorted(Path(folder).glob("*.nii.gz")):
+            if path.name.startswith("."):
+                continue
+            case = strip_nifti_ending(path.name)
+            if case in files:
+                raise InputError(path, f"case {case} is also predicted in {files[case].parent}")
+            if case not in gt_paths:
+                raise InputError(path, f"no reference label for case {case} in the dataset")
+            files[case] = path
+    if not files:
+        raise InputError(pred_dirs[0] if pred_dirs else Path("."), "no CASE.nii.gz predictions to decide on")
+    return files
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _better(after: float, before: float) -> bool:
+    return not math.isnan(after) and not math.isnan(before) and after > before
+
+
+def _worse(after: float, before: float) -> bool:
+    return not math.isnan(after) and not math.isnan(before) and after < before
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

@@ -1,0 +1,68 @@
+"""Checkpoints of a training run: written atomically, loaded for resume and for prediction.
+
+A checkpoint holds the model, optimizer, AMP scaler, epoch/iteration counters, seconds spent,
+RNG states and a hash of the plans, so ``--resume`` continues exactly and refuses mismatched plans.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segpipe.core.atomic import atomic_path
+from segpipe.core.serialization import from_dict
+from segpipe.networks.build import build_network
+from segpipe.planning.plans import Configuration, Plans, TrainingSettings
+
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"{path}: unreadable checkpoint ({exc})") from exc
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(path: Path, plans: Plans, config: Configuration, device: torch.device) -> nn.Module:
+    """The network stored in a checkpoint file (final, latest, snapshot or SWA), in eval mode."""
+    if not path.exists():
+        hint = " (this fold has not finished training)" if path.name == FINAL else ""
+        raise FileNotFoundError(f"{path}: checkpoint not found{hint}")
+    ckpt = load_checkpoint(path)
+    settings = from_dict(TrainingSettings, ckpt["settings"])
+    extra = len(plans.foreground_labels) if config.previous_stage else 0
+    model = build_network(config, len(plans.channel_names), plans.num_classes, settings.deep_supervision, extra)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

@@ -1,0 +1,441 @@
+"""Tests for training: the whole CLI chain, kill-and-resume, extending a run, reproducibility, schedules.
+
+Everything runs on the CPU with tiny volumes and a handful of iterations; what is checked is the
+bookkeeping (checkpoints, counters, logs, learning rates, output geometry), not model quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from conftest import run_cli
+
+from segpipe.augmentation.draw import AUGMENTATIONS, AugmentationConfig
+from segpipe.core.atomic import read_json
+from segpipe.planning.plans import TrainingSettings, load_plans
+from segpipe.runs.checkpoint import FINAL, LATEST, load_checkpoint
+from segpipe.runs.snapshots import SWA_FILE, list_snapshots
+from segpipe.training.loop import fit, setup, train_step
+from segpipe.training.schedules import cycle_ends, learning_rate, poly, sgdr_cycle_ends, training_progress
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = "3d_fullres"
+LOG_COLUMNS = [
+    "epoch",
+    "iteration",
+    "train_loss",
+    "val_loss",
+    "dice_1",
+    "dice_2",
+    "mean_dice",
+    "lr",
+    "epoch_seconds",
+    "elapsed_seconds",
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# nnU-Net's poly schedule, written out here rather than taken from segpipe
+INITIAL_LR, POLY_EXPONENT = 0.01, 0.9
+
+
+def expected_poly_lr(iteration: int, total: int) -> float:
+    return INITIAL_LR * (1 - iteration / total) ** POLY_EXPONENT
+
+
+def read_log(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(run_dir / "log.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def ok(result: Result) -> str:
+    """The output of a CLI call that must have succeeded (else fail showing it)."""
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def prepared_work(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared synthetic dataset planned (cpu preset) and preprocessed. Read-only: copy it."""
+    work = tmp_path_factory.mktemp("train_work") / "work"
+    ok(run_cli("plan", synthetic_dataset, "-o", work, "--preset", "cpu", "--workers", 1))
+    ok(run_cli("preprocess", synthetic_dataset, "-o", work, "--workers", 1))
+    plans = load_plans(work / "plans.json")
+    # the expected learning rates below assume nnU-Net's poly defaults
+    assert plans.training.schedule == "poly"
+    assert plans.training.initial_lr == INITIAL_LR
+    assert plans.training.poly_exponent == POLY_EXPONENT
+    assert plans.training.warmup_fraction == 0
+    return work
+
+
+def copy_work(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+# ------------------------------------------------------------------------------------------ CLI chain
+
+
+def test_cli_chain_synth_plan_preprocess_train_predict_evaluate(tmp_path: Path) -> None:
+    data, work, out = tmp_path / "Task01_Chain", tmp_path / "work", tmp_path / "pred"
+    ok(run_cli("synth", data, "--cases", 8, "--test-cases", 2, "--shape", "32,32,24", "--seed", 3))
+    ok(run_cli("plan", data, "-o", work, "--preset", "cpu", "--workers", 1))
+    ok(run_cli("preprocess", data, "-o", work, "--workers", 1))
+    train_args = "--fold 0 --epochs 2 --iters-per-epoch 3 --val-iters 1 --num-folds 2 --device cpu --workers 0"
+    ok(run_cli("train", work, *train_args.split()))
+    run_dir = work / CONFIG / "fold_0"
+
+    # checkpoints
+    assert (run_dir / LATEST).is_file()
+    final = load_checkpoint(run_dir / FINAL)
+    assert final["state"]["epoch"] == 2
+    assert final["state"]["iteration"] == 6
+    assert final["state"]["done"] is True
+
+    # log.csv: one row per epoch, the documented columns
+    columns, rows = read_log(run_dir)
+    assert columns == LOG_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["iteration"]) for r in rows] == [3, 6]
+    for r in rows:
+        assert math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"]))
+
+    # progress.png: a real PNG that decodes to the figure size (9 x 7 inches at 80 dpi)
+    png = run_dir / "progress.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(png).shape[:2] == (560, 720)
+
+    # validation: exactly the fold's held-out cases were predicted and scored
+    splits = read_json(work / "splits.json")
+    assert len(splits) == 2
+    val_ids = sorted(splits[0]["val"])
+    assert set(val_ids).isdisjoint(splits[0]["train"])
+    summary = read_json(run_dir / "validation" / "summary.json")
+    assert sorted(c["case"] for c in summary["per_case"]) == val_ids
+    assert summary["num_cases"] == len(val_ids)
+    predicted = sorted(p.name[: -len(".nii.gz")] for p in (run_dir / "validation").glob("*.nii.gz"))
+    assert predicted == val_ids
+
+    # predict the test images: one uint8 label map per input, in the input's exact geometry
+    ok(run_cli("predict", "-i", data / "imagesTs", "-o", out, "-m", work, "--folds", 0, "--device", "cpu"))
+    inputs = sorted((data / "imagesTs").glob("*.nii.gz"))
+    assert len(inputs) == 2
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in inputs]
+    for image_path in inputs:
+        image = nib.load(str(image_path))
+        pred = nib.load(str(out / image_path.name))
+        assert pred.shape == image.shape
+        assert np.allclose(pred.affine, image.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}
+
+    # evaluate the validation predictions against the references
+    report = tmp_path / "eval.json"
+    ok(run_cli("evaluate", run_dir / "validation", data / "labelsTr", "-o", report))
+    evaluated = read_json(report)
+    assert sorted(c["case"] for c in evaluated["per_case"]) == val_ids
+    assert evaluated["labels"] == [1, 2]
+    for c in evaluated["per_case"]:
+        for value in c["dice"].values():
+            assert value is None or 0.0 <= value <= 1.0
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+@dataclass
+class ResumedRun:
+    work: Path
+    killed_at_epoch: int  # epochs completed in the checkpoint the killed run left
+    killed_at_iteration: int
+    rows_before_resume: list[int]  # epochs in log.csv right after the kill
+    resume_output: str
+
+
+TRAIN_ARGS = ["--fold", "0", "--val-iters", "1", "--num-folds", "2", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(prepared_work: Path, tmp_path_factory: pytest.TempPathFactory) -> ResumedRun:
+    """Train 3 epochs x 4 iterations in a subprocess, SIGKILL it as soon as the first epoch's checkpoint
+    appears (so during the second epoch), then finish the run with ``--resume``."""
+    root = tmp_path_factory.mktemp("resume")
+    work = copy_work(prepared_work, root / "work")
+    run_dir = work / CONFIG / "fold_0"
+    latest = run_dir / LATEST
+    err = (root / "train.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--epochs", "3", "--iters-per-epoch", "4", "--no-validation"]
+    cmd = [sys.executable, str(REPO / "cli.py"), "train", str(work), *TRAIN_ARGS, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=err, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not latest.exists():
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"training exited ({proc.returncode}) before its first checkpoint:\n"
+                    + (root / "train.log").read_text()[-3000:]
+                )
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint after 180 s")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = load_checkpoint(latest)["state"]
+    _, rows = read_log(run_dir)
+    rows_before = [int(r["epoch"]) for r in rows]
+    assert not (run_dir / FINAL).exists()
+
+    output = ok(run_cli("train", work, *TRAIN_ARGS, "--resume", "--no-validation"))
+    return ResumedRun(work, state["epoch"], state["iteration"], rows_before, output)
+
+
+def test_resume_after_kill_continues_from_checkpoint(resumed_run: ResumedRun) -> None:
+    k = resumed_run.killed_at_epoch
+    assert 1 <= k < 3, f"killed with {k} epochs done; expected during the second or third epoch"
+    assert resumed_run.killed_at_iteration == 4 * k
+    assert resumed_run.rows_before_resume[:k] == list(range(k))
+
+    # the resumed process trained the missing epochs only (fit prints one line per epoch)
+    out = resumed_run.resume_output
+    for epoch in range(3):
+        assert (f"epoch {epoch}: loss" in out) == (epoch >= k), (epoch, k, out)
+    assert "fold 0: 12 iterations" in out
+
+    run_dir = resumed_run.work / CONFIG / "fold_0"
+    columns, rows = read_log(run_dir)
+    assert columns == LOG_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # each epoch exactly once
+    assert [int(r["iteration"]) for r in rows] == [4, 8, 12]
+    elapsed = [float(r["elapsed_seconds"]) for r in rows]
+    assert elapsed == sorted(elapsed)  # resumed time adds to the checkpoint's
+
+    final = load_checkpoint(run_dir / FINAL)
+    assert final["state"]["epoch"] == 3
+    assert final["state"]["iteration"] == 12
+    assert final["state"]["done"] is True
+
+    # fit logs the lr of the epoch's last step, set before that step from progress = iteration / total:
+    # the last step of epoch e starts at iteration 4 (e + 1) - 1 of 12
+    for e, r in enumerate(rows):
+        assert float(r["lr"]) == pytest.approx(expected_poly_lr(4 * (e + 1) - 1, 12), rel=1e-9)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.01 * (1 / 12) ** 0.9, rel=1e-9)
+
+
+def test_more_epochs_extend_a_finished_run(resumed_run: ResumedRun, tmp_path: Path) -> None:
+    work = copy_work(resumed_run.work, tmp_path / "work")
+    run_dir = work / CONFIG / "fold_0"
+    assert load_checkpoint(run_dir / FINAL)["state"]["epoch"] == 3
+    # A stale row for epoch 3, as left by a run killed after logging an epoch but before saving its
+    # checkpoint: the resume must drop it and log epoch 3 once.
+    columns, rows = read_log(run_dir)
+    with open(run_dir / "log.csv", "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=columns).writerow({**rows[-1], "epoch": "3", "train_loss": "999.0"})
+    output = ok(run_cli("train", work, *TRAIN_ARGS, "--resume", "--epochs", 4, "--no-validation"))
+    assert "epoch 3: loss" in output and "epoch 2: loss" not in output
+    final = load_checkpoint(run_dir / FINAL)
+    assert final["state"]["epoch"] == 4
+    assert final["state"]["iteration"] == 16
+    assert final["settings"]["epochs"] == 4
+    assert final["settings"]["iters_per_epoch"] == 4  # kept from the checkpoint
+    _, rows = read_log(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["iteration"]) for r in rows] == [4, 8, 12, 16]
+    assert float(rows[-1]["train_loss"]) != 999.0
+    # the schedule now runs over 16 iterations: the last step starts at 15
+    assert float(rows[-1]["lr"]) == pytest.approx(expected_poly_lr(15, 16), rel=1e-9)
+
+
+def test_train_on_existing_run_without_resume_fails(resumed_run: ResumedRun) -> None:
+    final = resumed_run.work / CONFIG / "fold_0" / FINAL
+    before = final.stat().st_mtime_ns
+    result = run_cli("train", resumed_run.work, *TRAIN_ARGS, "--epochs", 3, "--no-validation")
+    assert result.exit_code == 1
+    assert "--resume" in result.output
+    assert "already holds a run" in result.output
+    assert final.stat().st_mtime_ns == before  # nothing was overwritten
+
+
+# ------------------------------------------------------------------------------------------ reproducibility
+
+
+def test_same_seed_same_weights(prepared_work: Path, tmp_path: Path) -> None:
+    overrides = {"epochs": 1, "iters_per_epoch": 2, "val_iters": 1, "num_workers": 0, "num_folds": 2}
+    weights = []
+    for name in ("a", "b"):
+        work = copy_work(prepared_work, tmp_path / name)
+        run = setup(work, CONFIG, 0, overrides, device="cpu")
+        initial = {k: v.clone() for k, v in run.model.state_dict().items()}
+        state = fit(run, num_workers=0)
+        assert state.iteration == 2
+        trained = run.model.state_dict()
+        assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training changed nothing"
+        weights.append(trained)
+    a, b = weights
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ between identical runs: {different[:5]}"
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+
+def test_poly_schedule_end_points() -> None:
+    settings = TrainingSettings(initial_lr=0.02, poly_exponent=0.9)
+    assert poly(0.0, settings) == 0.02
+    assert poly(1.0, settings) == 0.0
+    assert poly(0.5, settings) == pytest.approx(0.02 * 0.5**0.9, rel=1e-12)
+    assert learning_rate(0.0, settings) == 0.02
+    assert learning_rate(1.0, settings) == 0.0
+    assert learning_rate(1.5, settings) == 0.0  # progress is clipped to [0, 1]
+
+
+def test_warmup_scales_the_start() -> None:
+    settings = TrainingSettings(initial_lr=0.01, warmup_fraction=0.1)
+    assert learning_rate(0.0, settings) == 0.0
+    assert learning_rate(0.05, settings) == pytest.approx(0.5 * 0.01 * 0.95**0.9, rel=1e-12)
+    assert learning_rate(0.5, settings) == pytest.approx(0.01 * 0.5**0.9, rel=1e-12)
+
+
+def test_training_progress_takes_the_further_of_iterations_and_time() -> None:
+    assert training_progress(25, 100, 0.0, None) == 0.25
+    assert training_progress(25, 100, 999.0, None) == 0.25  # no budget: time does not count
+    assert training_progress(10, 100, 50.0, 100.0) == 0.5  # time is further
+    assert training_progress(60, 100, 5.0, 100.0) == 0.6  # iterations are further
+    assert training_progress(150, 100, 0.0, None) == 1.0  # clipped
+    assert training_progress(0, 100, 250.0, 100.0) == 1.0
+
+
+def test_cosine_restarts_at_cycle_boundaries() -> None:
+    s = TrainingSettings(schedule="cosine", cycles=3, initial_lr=0.01, min_lr=0.001)
+    assert sgdr_cycle_ends(s) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert learning_rate(0.0, s) == pytest.approx(0.01)
+    assert learning_rate(1 / 6, s) == pytest.approx(0.001 + 0.009 * 0.5)  # half way down the first cycle
+    assert learning_rate(1 / 3 - 1e-9, s) == pytest.approx(0.001, abs=1e-9)  # bottom of cycle 1
+    assert learning_rate(1 / 3 + 1e-9, s) == pytest.approx(0.01, abs=1e-7)  # restart
+    assert learning_rate(1.0, s) == pytest.approx(0.001)
+
+
+def test_sgdr_cycle_mult_lengths() -> None:
+    s = TrainingSettings(schedule="cosine", cycles=3, cycle_mult=2.0)
+    ends = sgdr_cycle_ends(s)
+    lengths = np.diff([0.0, *ends])
+    assert lengths == pytest.approx([1 / 7, 2 / 7, 4 / 7])
+
+
+def test_cyclic_schedule_snapshots_at_low_points() -> None:
+    s = TrainingSettings(schedule="cyclic", cycles=3, cyclic_fraction=0.25, cyclic_lr_high=0.005, cyclic_lr_low=1e-4)
+    ends = cycle_ends(s)
+    assert ends[-1] == 1.0 and len(ends) == 3
+    assert ends == pytest.approx([0.75 + 0.05, 0.75 + 0.15, 1.0])  # cycle length 0.25 / 2.5 = 0.1
+    for p in ends:
+        assert learning_rate(p, s) == pytest.approx(1e-4)
+    assert learning_rate(0.75, s) == pytest.approx(0.005)  # top of the first cycle
+    assert learning_rate(0.85, s) == pytest.approx(0.005)  # top again between snapshots
+    assert learning_rate(0.0, s) == pytest.approx(s.initial_lr)
+    assert cycle_ends(TrainingSettings(schedule="poly")) == []
+
+
+def test_snapshots_at_cycle_ends_and_swa_is_their_mean(prepared_work: Path, tmp_path: Path) -> None:
+    work = copy_work(prepared_work, tmp_path / "w")
+    overrides = {
+        "epochs": 3,
+        "iters_per_epoch": 2,
+        "val_iters": 1,
+        "num_workers": 0,
+        "num_folds": 2,
+        "schedule": "cosine",
+        "cycles": 3,
+        "swa": True,
+    }
+    run = setup(work, CONFIG, 0, overrides, device="cpu")
+    fit(run, num_workers=0)
+    snaps = list_snapshots(run.run_dir)
+    assert [p.name for p in snaps] == ["cycle_1.pt", "cycle_2.pt", "cycle_3.pt"]
+    states = [load_checkpoint(p) for p in snaps]
+    assert [s["state"]["iteration"] for s in states] == [2, 4, 6]  # progress 1/3, 2/3, 1 of 6 iterations
+    swa = load_checkpoint(run.run_dir / SWA_FILE)["model"]
+    assert load_checkpoint(run.run_dir / SWA_FILE)["swa_count"] == 3
+    for key, value in swa.items():
+        if value.is_floating_point():
+            mean = sum(s["model"][key].float() for s in states) / 3
+            torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(states[0]["model"][next(iter(swa))], states[2]["model"][next(iter(swa))])
+
+
+def test_gradient_accumulation_matches_the_large_batch(prepared_work: Path, tmp_path: Path) -> None:
+    """Two batches accumulated (loss / 2 each) give the gradient of their mean: one SGD step on it."""
+    run = setup(copy_work(prepared_work, tmp_path / "w"), CONFIG, 0, {"accumulate": 2, "num_workers": 0}, device="cpu")
+    run.model.train()
+    for group in run.optimizer.param_groups:
+        group["momentum"], group["nesterov"], group["weight_decay"] = 0.0, False, 0.0
+    torch.manual_seed(0)
+    batches = [
+        {
+            "image": torch.randn(1, 1, *run.config.patch_size),
+            "label": torch.randint(0, 3, (1, 1, *run.config.patch_size)),
+        }
+        for _ in range(2)
+    ]
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    for b in batches:
+        train_step(run, b)
+        run.state.iteration += 1
+    after_accumulated = {k: v.clone() for k, v in run.model.state_dict().items()}
+    # reference: the same step from the mean of the two losses, computed by hand
+    run.model.load_state_dict(before)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = sum(run.loss(run.model(b["image"]), b["label"].long()) for b in batches) / 2
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
+    run.optimizer.step()
+    changed = 0
+    for k, v in run.model.state_dict().items():
+        torch.testing.assert_close(after_accumulated[k], v, rtol=1e-4, atol=1e-6)
+        changed += int(not torch.equal(before[k], v))
+    assert changed > 0
+
+
+def test_augmentation_on_the_device_trains_like_augmentation_in_workers(prepared_work: Path, tmp_path: Path) -> None:
+    """``augment_on=device`` (the GPU path: workers only crop, the training process augments the batch)
+    gives the same weights as augmenting in the workers, for the same seed (noise too: it has its own seed)."""
+    if "test-frequent" not in AUGMENTATIONS.names():
+        AUGMENTATIONS.register("test-frequent")(AugmentationConfig(p_noise=0.5, p_rotation=0.5, p_scale=0.5))
+    weights = {}
+    for where in ("workers", "device"):
+        overrides = {
+            "epochs": 1,
+            "iters_per_epoch": 3,
+            "val_iters": 1,
+            "num_workers": 0,
+            "num_folds": 2,
+            "augmentation": "test-frequent",
+            "augment_on": where,
+        }
+        run = setup(copy_work(prepared_work, tmp_path / where), CONFIG, 0, overrides, device="cpu")
+        fit(run, num_workers=0)
+        weights[where] = run.model.state_dict()
+    for key, value in weights["workers"].items():
+        assert torch.allclose(value, weights["device"][key], atol=1e-5), key
