@@ -13,6 +13,7 @@ plan + preprocess setup that the preprocess benchmark times. See ``benchmarks/RE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -490,19 +491,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def scratch_folder(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temporary folder, removed afterwards unless ``keep`` (then its path goes to stderr)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"work folder kept: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen benchmark in a temporary folder and print its records as JSON lines."""
     args = parse_args(argv)
     if args.which != "preprocess":
         args.device = resolve_device(args.device)
-    tmp = Path(tempfile.mkdtemp(prefix=f"segpipe-bench-{args.which}-"))
-    try:
+    with scratch_folder(f"segpipe-bench-{args.which}-", args.keep) as tmp:
         records = BENCHMARKS[args.which](args, tmp, tmp / "commands.log")
-    finally:
-        if args.keep:
-            print(f"work folder kept: {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     for record in records:
         print(json.dumps(record), flush=True)
 

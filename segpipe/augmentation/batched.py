@@ -57,8 +57,9 @@ def center_pad_or_crop(x: Tensor, extent: Sequence[int]) -> Tensor:
     return F.pad(x, pads)
 
 
-def monai_affine_matrix(rotation: Sequence[float] | None, scale: float | None) -> np.ndarray:
-    """The ``(3, 3)`` matrix of MONAI ``Affine(rotate_params=rotation, scale_params=[scale] * 3)``.
+def monai_affine_matrix(rotation: Sequence[float] | None, scale: float | Sequence[float] | None) -> np.ndarray:
+    """The ``(3, 3)`` matrix of MONAI ``Affine(rotate_params=rotation, scale_params=scale)`` (one factor
+    for all axes, or one per axis).
 
     It maps an output voxel's offset from the output centre ``(size - 1) / 2`` to the input offset from
     the input centre (in voxels): ``Rx(a) @ Ry(b) @ Rz(c) @ diag(s)`` (intrinsic x-y-z rotations), so a
@@ -69,7 +70,8 @@ def monai_affine_matrix(rotation: Sequence[float] | None, scale: float | None) -
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
     rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rx @ ry @ rz * (scale if scale is not None else 1.0)
+    factors = np.ones(3) if scale is None else np.broadcast_to(np.asarray(scale, dtype=float), (3,))
+    return rx @ ry @ rz @ np.diag(factors)
 
 
 def affine_theta(params: Sequence[AugmentParams], patch: Sequence[int], src: Sequence[int]) -> Tensor:
@@ -169,12 +171,17 @@ def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
         idx = sample_rows(noisy)
         rows[idx] = rows[idx] + noise * per_row([params[i].noise_std for i in noisy])
 
-    blurred = [
-        (i * n_img + ch, s) for i, p in enumerate(params) for ch, s in enumerate(p.blur_sigma[:n_img]) if s is not None
-    ]
-    if blurred:
-        idx = torch.tensor([r for r, _ in blurred], device=dev)
-        rows[idx] = _gaussian_smooth(rows[idx], [s for _, s in blurred])
+    for keep in {p.blur_keep_axis for p in params}:  # one geometry per run: in practice a single group
+        blurred = [
+            (i * n_img + ch, s)
+            for i, p in enumerate(params)
+            if p.blur_keep_axis == keep
+            for ch, s in enumerate(p.blur_sigma[:n_img])
+            if s is not None
+        ]
+        if blurred:
+            idx = torch.tensor([r for r, _ in blurred], device=dev)
+            rows[idx] = _gaussian_smooth(rows[idx], [s for _, s in blurred], keep)
 
     bright = [i for i, p in enumerate(params) if p.brightness is not None]
     if bright:
@@ -190,7 +197,7 @@ def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
     for i, p in enumerate(params):
         for ch, zoom in enumerate(p.lowres_zoom[:n_img]):
             if zoom is not None:
-                rows[i * n_img + ch] = simulate_lowres(rows[i * n_img + ch], zoom)
+                rows[i * n_img + ch] = simulate_lowres(rows[i * n_img + ch], zoom, p.lowres_keep_axis)
 
     for inverted in (False, True):
         which = [i for i, p in enumerate(params) if p.gamma is not None and p.gamma_inverted == inverted]
@@ -200,8 +207,9 @@ def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
     return rows.view(b, n_img, *patch)
 
 
-def _gaussian_smooth(rows: Tensor, sigmas: list[float]) -> Tensor:
-    """MONAI ``GaussianSmooth(sigma)`` on each row ``(N, X, Y, Z)`` with its own sigma, as one grouped conv per axis.
+def _gaussian_smooth(rows: Tensor, sigmas: list[float], keep_axis: int | None = None) -> Tensor:
+    """MONAI ``GaussianSmooth(sigma)`` on each row ``(N, X, Y, Z)`` with its own sigma, as one grouped conv per axis
+    (none along ``keep_axis``: MONAI's sigma 0 there).
 
     MONAI's kernel (``gaussian_1d(approx="erf", truncated=4)``) holds the Gaussian's integral over each
     voxel, ``tail = int(max(4 sigma, 0.5) + 0.5)`` voxels each side, not renormalised; borders are zero-padded,
@@ -217,6 +225,8 @@ def _gaussian_smooth(rows: Tensor, sigmas: list[float]) -> Tensor:
     kernel = torch.where(x.abs() <= tails[:, None], kernel, torch.zeros_like(kernel))
     out = rows[None]  # (1, N, X, Y, Z): one group per row
     for axis in range(3):
+        if axis == keep_axis:
+            continue
         shape = [n, 1, 1, 1, 1]
         shape[axis + 2] = 2 * tail + 1
         padding = [0, 0, 0]

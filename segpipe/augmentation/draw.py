@@ -7,6 +7,13 @@ exactly. Probabilities follow nnU-Net's defaults. Training applies them to whole
 :mod:`segpipe.augmentation.batched`; :func:`apply` here does one sample with MONAI's deterministic ``Affine``
 and ``GaussianSmooth`` and is the reference the batched path is tested against. The spatial part
 samples the rotated/scaled patch from a larger crop (:func:`source_extent` says how large).
+
+Three geometries (:class:`Geometry`), as nnU-Net's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``
+(nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py) chooses them: ``3d`` rotates about all three axes;
+``dummy_2d`` (a 3d patch more than ``anisotropy_threshold`` times longer in-plane than along the coarse
+axis: thick slices) rotates (+-180 deg) and scales in-plane only and never resamples along the coarse
+axis, so the slices are not sheared into each other; ``2d`` (the 2d configuration: one-slice patches)
+does the same and also blurs and mirrors in-plane only.
 """
 
 from __future__ import annotations
@@ -24,12 +31,38 @@ from segpipe.augmentation.masks import MaskAugmentationConfig, MaskAugmentParams
 from segpipe.core.registry import Registry
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How spatial augmentation treats the axes: ``kind`` is ``3d``, ``dummy_2d`` or ``2d``; ``axis`` is
+    the out-of-plane axis (the coarse or sliced one) for the two 2D kinds."""
+
+    kind: str = "3d"
+    axis: int | None = None
+
+    @property
+    def in_plane(self) -> bool:
+        return self.kind in ("dummy_2d", "2d")
+
+
+def choose_geometry(patch: list[int], coarse_axis: int, slice_axis: int | None, threshold: float) -> Geometry:
+    """nnU-Net's rule: a 2d configuration is ``2d``; a 3d patch is ``dummy_2d`` when its longest axis is
+    more than ``threshold`` times its extent along the coarse axis (``max(patch) / patch[0] > 3`` in
+    nnU-Net's transposed axes, where axis 0 is the coarse one), else ``3d``."""
+    if slice_axis is not None:
+        return Geometry("2d", slice_axis)
+    if max(patch) / patch[coarse_axis] > threshold:
+        return Geometry("dummy_2d", coarse_axis)
+    return Geometry("3d")
+
+
 @dataclass
 class AugmentationConfig:
     """Probabilities and ranges (nnU-Net's defaults)."""
 
     p_rotation: float = 0.2
-    rotation_deg: float = 30.0
+    rotation_deg: float = 30.0  # 3d: about each axis
+    rotation_deg_in_plane: float = 180.0  # dummy_2d and 2d
+    rotation_deg_elongated_2d: float = 15.0  # 2d patches more than 1.5 times longer one way than the other
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)
     p_noise: float = 0.1
@@ -74,7 +107,7 @@ class AugmentParams:
     """One sample's drawn parameters; ``None`` means the transform is not applied."""
 
     rotation: list[float] | None = None  # radians about axes 0, 1, 2
-    scale: float | None = None
+    scale: float | list[float] | None = None  # one factor for all axes, or one per axis
     noise_std: float | None = None
     noise_seed: int = 0  # the noise's own generator seed, so the noise too replays exactly
     blur_sigma: list[float | None] = field(default_factory=list)  # per channel
@@ -85,10 +118,18 @@ class AugmentParams:
     gamma_inverted: bool = False
     mirror: list[int] = field(default_factory=list)
     mask: MaskAugmentParams | None = None  # cascade: morphology / component removal of the one-hot channels
+    lowres_keep_axis: int | None = None  # low-resolution simulation leaves this axis alone (2d, dummy_2d)
+    blur_keep_axis: int | None = None  # blur leaves this axis alone (2d: a one-slice patch)
 
     @property
     def spatial(self) -> bool:
         return self.rotation is not None or self.scale is not None
+
+    @property
+    def scale_vector(self) -> list[float]:
+        if self.scale is None:
+            return [1.0, 1.0, 1.0]
+        return [float(v) for v in self.scale] if isinstance(self.scale, list) else [float(self.scale)] * 3
 
 
 def _rotation_matrix(angles: list[float]) -> np.ndarray:
@@ -103,30 +144,67 @@ def source_extent(patch: list[int], params: AugmentParams) -> list[int]:
     """Size of the crop that contains every voxel the rotated/scaled patch samples (+ margin)."""
     if not params.spatial:
         return list(patch)
-    m = _rotation_matrix(params.rotation or [0.0, 0.0, 0.0]) * (params.scale or 1.0)
+    m = _rotation_matrix(params.rotation or [0.0, 0.0, 0.0]) * np.array(params.scale_vector)[None, :]
     corners = np.array(list(itertools.product(*[(-p / 2, p / 2) for p in patch]))).T
     extent = np.abs(m @ corners).max(axis=1) * 2
-    return [int(math.ceil(e)) + 2 for e in extent]
+    # an axis the transform leaves alone (dummy 2D's out-of-plane axis) is read as it is: no margin,
+    # so its voxels are sampled exactly at their centres and slices never mix
+    fixed = np.isclose(m, np.eye(3)).all(axis=1) & np.isclose(m, np.eye(3)).all(axis=0)
+    return [int(p) if f else int(math.ceil(e)) + 2 for p, e, f in zip(patch, extent, fixed)]
 
 
 class Augmenter:
     """Draws :class:`AugmentParams` for patches of ``num_channels`` image channels followed by
     ``num_mask_channels`` one-hot mask channels (the cascade's stage-1 segmentation)."""
 
-    def __init__(self, config: AugmentationConfig, num_channels: int, num_mask_channels: int = 0):
+    def __init__(
+        self,
+        config: AugmentationConfig,
+        num_channels: int,
+        num_mask_channels: int = 0,
+        geometry: Geometry = Geometry(),
+        patch: list[int] | None = None,
+    ):
         self.config = config
         self.num_channels = num_channels
         self.num_mask_channels = num_mask_channels
+        self.geometry = geometry
+        self.patch = patch
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """The axes training mirrors, and so the axes prediction may mirror (nnU-Net's
+        ``inference_allowed_mirroring_axes``): in-plane only for 2d, none when mirroring is off."""
+        if self.config.p_mirror <= 0:
+            return ()
+        g = self.geometry
+        return tuple(a for a in self.config.mirror_axes if not (g.kind == "2d" and a == g.axis))
+
+    def _rotation(self, rng: np.random.Generator) -> list[float]:
+        g, c = self.geometry, self.config
+        if not g.in_plane:
+            r = math.radians(c.rotation_deg)
+            return [float(rng.uniform(-r, r)) for _ in range(3)]
+        degrees = c.rotation_deg_in_plane
+        if g.kind == "2d" and self.patch is not None:
+            plane = [p for a, p in enumerate(self.patch) if a != g.axis]
+            if max(plane) / min(plane) > 1.5:
+                degrees = c.rotation_deg_elongated_2d
+        angles = [0.0, 0.0, 0.0]
+        angles[g.axis] = float(rng.uniform(-math.radians(degrees), math.radians(degrees)))  # type: ignore[index]
+        return angles
 
     def draw(self, rng: np.random.Generator) -> AugmentParams:
-        c = self.config
+        c, g = self.config, self.geometry
         u = rng.uniform
-        p = AugmentParams()
+        p = AugmentParams(
+            lowres_keep_axis=g.axis if g.in_plane else None, blur_keep_axis=g.axis if g.kind == "2d" else None
+        )
         if rng.random() < c.p_rotation:
-            r = math.radians(c.rotation_deg)
-            p.rotation = [float(u(-r, r)) for _ in range(3)]
+            p.rotation = self._rotation(rng)
         if rng.random() < c.p_scale:
-            p.scale = float(u(*c.scale_range))
+            factor = float(u(*c.scale_range))
+            p.scale = [1.0 if a == g.axis else factor for a in range(3)] if g.in_plane else factor
         if rng.random() < c.p_noise:
             p.noise_std = float(math.sqrt(u(*c.noise_variance)))
             p.noise_seed = int(rng.integers(2**31))
@@ -146,7 +224,7 @@ class Augmenter:
             p.gamma, p.gamma_inverted = self._gamma(rng), True
         elif rng.random() < c.p_gamma:
             p.gamma = self._gamma(rng)
-        p.mirror = [a for a in c.mirror_axes if rng.random() < c.p_mirror]
+        p.mirror = [a for a in self.mirror_axes if rng.random() < c.p_mirror]
         if self.num_mask_channels:
             p.mask = draw_mask_params(c.mask, rng, self.num_mask_channels)
         return p
@@ -165,7 +243,7 @@ def apply(
     if params.spatial:
         affine_kw = dict(
             rotate_params=params.rotation or [0.0, 0.0, 0.0],
-            scale_params=[params.scale or 1.0] * 3,
+            scale_params=params.scale_vector,
             spatial_size=patch,
             padding_mode="zeros",
             image_only=True,
@@ -180,14 +258,15 @@ def apply(
         image = image + noise_like(image, params.noise_seed) * params.noise_std
     for ch, sigma in enumerate(params.blur_sigma):
         if sigma is not None:
-            image[ch] = torch.as_tensor(GaussianSmooth(sigma=sigma)(image[ch : ch + 1]))[0]
+            sigmas = [0.0 if a == params.blur_keep_axis else sigma for a in range(3)]
+            image[ch] = torch.as_tensor(GaussianSmooth(sigma=sigmas)(image[ch : ch + 1]))[0]
     if params.brightness is not None:
         image = image * params.brightness
     if params.contrast is not None:
         image = adjust_contrast(image, params.contrast)
     for ch, zoom in enumerate(params.lowres_zoom):
         if zoom is not None:
-            image[ch] = simulate_lowres(image[ch], zoom)
+            image[ch] = simulate_lowres(image[ch], zoom, params.lowres_keep_axis)
     if params.gamma is not None:
         image = adjust_gamma(image, params.gamma, params.gamma_inverted)
     if params.mirror:
@@ -216,9 +295,10 @@ def adjust_contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.maximum(torch.minimum((image - mean) * factor + mean, hi), lo)
 
 
-def simulate_lowres(channel: torch.Tensor, zoom: float) -> torch.Tensor:
+def simulate_lowres(channel: torch.Tensor, zoom: float, keep_axis: int | None = None) -> torch.Tensor:
+    # nearest down, trilinear up; never along ``keep_axis`` (nnU-Net's ignore_axes for dummy 2D)
     shape = channel.shape
-    small = [max(1, round(s * zoom)) for s in shape]
+    small = [s if a == keep_axis else max(1, round(s * zoom)) for a, s in enumerate(shape)]
     down = F.interpolate(channel[None, None], size=small, mode="nearest")
     return F.interpolate(down, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 

@@ -21,7 +21,7 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.nifti import InputError, load_nifti, save_nifti
 from segpipe.planning.plans import Configuration, Plans
-from segpipe.runs.checkpoint import FINAL, load_model
+from segpipe.runs.checkpoint import FINAL, load_model, mirror_axes_of
 from segpipe.runs.snapshots import SWA_FILE, list_snapshots
 
 WEIGHTS = {"final": FINAL, "swa": SWA_FILE}
@@ -73,6 +73,12 @@ def load_members(
     work: Path, plans: Plans, config: Configuration, members: Members, device: torch.device
 ) -> list[nn.Module]:
     return [load_model(p, plans, config, device) for p in member_paths(work, config.name, members)]
+
+
+def inference_mirror_axes(work: Path, config_name: str, members: Members) -> tuple[int, ...]:
+    """The mirror axes test-time augmentation may use: those of the first member's training (as nnU-Net
+    reads them from the first fold); every member of one configuration was trained alike."""
+    return mirror_axes_of(member_paths(work, config_name, members)[0])
 
 
 def ensemble_folders(inputs: list[Path], output: Path, labels: list[int], reference_dir: Path | None = None) -> dict:

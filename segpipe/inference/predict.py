@@ -22,7 +22,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
-from segpipe.inference.ensemble import Members, load_members
+from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
 from segpipe.inference.postprocessing import apply_postprocessing, load_decision
 from segpipe.inference.sliding_window import accumulator_bytes, choose_accumulation_device, predict_probabilities
@@ -55,6 +55,7 @@ class PredictOptions:
     save_probabilities: bool = False
     overwrite: bool = False
     postprocess: bool = True  # apply WORK/<config>/postprocessing.json when it exists
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # with tta; predict_folder takes them from the checkpoints
     # device memory (MB) a case's accumulators may take; None: SEGPIPE_DEVICE_MEMORY_LIMIT_MB, else
     # a share of the device's free memory (CUDA)
     device_memory_limit_mb: float | None = None
@@ -142,7 +143,7 @@ def average_probabilities(
             config.patch_size,
             plans.num_classes,
             step=options.step,
-            mirror_axes=(0, 1, 2) if options.tta else (),
+            mirror_axes=options.mirror_axes if options.tta else (),
             device=device,
             batch_windows=options.batch_windows,
             accumulate_on=accumulate_on,
@@ -272,6 +273,7 @@ def predict_folder(
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
     models = load_members(work, plans, config, members, dev)
+    options = replace(options, mirror_axes=inference_mirror_axes(work, config_name, members))
     decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
     problems: dict[str, str] = {}
     if cases is None:

@@ -35,7 +35,8 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
     evenly, and the first and last touch the borders."""
     if size <= patch:
         return [0]
-    n = math.ceil((size - patch) / (patch * step)) + 1
+    # at least one voxel per step: a one-slice patch (the 2d configuration) visits every slice once
+    n = math.ceil((size - patch) / max(patch * step, 1)) + 1
     stride = (size - patch) / (n - 1)
     return [int(round(i * stride)) for i in range(n)]
 

@@ -2,7 +2,9 @@
 
 ``build_network`` is the one bridge between plans and the model; the model itself knows nothing
 about plans. Input channels are the image channels plus ``extra_in_channels`` (the cascade's one-hot
-previous-stage segmentation), so the cascade needs no other network code.
+previous-stage segmentation), so the cascade needs no other network code. A 2d configuration gets a
+2D DynUNet inside :class:`SliceNetwork`, which takes and returns 3D tensors like every other model, so
+sampling, loss, sliding windows and mirroring need no 2d code path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,28 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from segpipe.planning.plans import Configuration
+
+
+class SliceNetwork(nn.Module):
+    """A 2D network applied to every slice of a 3D tensor along ``axis`` (0, 1 or 2 of X, Y, Z).
+
+    ``(B, C, X, Y, Z)`` in; the slices along ``axis`` are folded into the batch, so a patch of one slice
+    (nnU-Net's 2d patch) and a stack of slices both work. Output ``(B, C', X, Y, Z)``, or with deep
+    supervision ``(B, H, C', X, Y, Z)``, as the 3D DynUNet returns.
+    """
+
+    def __init__(self, net: nn.Module, axis: int):
+        super().__init__()
+        self.net = net
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        moved = x.movedim(2 + self.axis, 1)  # (B, S, C, a, b)
+        s = moved.shape[1]
+        out = self.net(moved.reshape(b * s, c, *moved.shape[3:]))  # (B*S, [H,] C', a, b)
+        out = out.reshape(b, s, *out.shape[1:])
+        return out.movedim(1, out.dim() - 3 + self.axis)
 
 
 def build_network(
@@ -26,16 +50,21 @@ def build_network(
     Instance norm (affine), leaky ReLU (0.01), two convolutions per stage as nnU-Net. In training
     mode with deep supervision the output is ``(B, 1 + D, num_classes, X, Y, Z)``: the full-resolution
     head first, then ``D`` lower decoder heads upsampled to full size; in eval mode ``(B, C, X, Y, Z)``.
+    A 2d configuration (``slice_axis`` set) gives a 2D DynUNet in a :class:`SliceNetwork`.
     """
     topo = config.topology
     num_ds = max(1, topo.num_stages - 2) if deep_supervision and topo.num_stages > 2 else 0
-    return DynUNet(
-        spatial_dims=3,
+    kernels, strides = topo.kernel_sizes, topo.strides
+    if config.is_2d:  # drop the sliced axis: a 2D network on the other two
+        kernels = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in kernels]
+        strides = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in strides]
+    net = DynUNet(
+        spatial_dims=2 if config.is_2d else 3,
         in_channels=in_channels + extra_in_channels,
         out_channels=num_classes,
-        kernel_size=topo.kernel_sizes,
-        strides=topo.strides,
-        upsample_kernel_size=topo.strides[1:],
+        kernel_size=kernels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
         filters=topo.features,
         norm_name=("INSTANCE", {"affine": True}),
         act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
@@ -43,6 +72,7 @@ def build_network(
         deep_supr_num=max(1, num_ds),
         res_block=False,
     )
+    return SliceNetwork(net, config.slice_axis) if config.is_2d else net
 
 
 def deep_supervision_weights(num_heads: int) -> torch.Tensor:

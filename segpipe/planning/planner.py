@@ -19,6 +19,7 @@ from segpipe.planning.plans import (
     CASCADE,
     FULLRES,
     LOWRES,
+    TWO_D,
     Configuration,
     Normalization,
     PlannerPreset,
@@ -42,15 +43,36 @@ class _Grid:
 
 
 def target_spacing(fp: Fingerprint, anisotropy_threshold: float) -> list[float]:
-    """Median spacing; for anisotropic data the coarse axis takes its 10th percentile instead."""
+    """Median spacing; on anisotropic data the coarse axis takes its 10th percentile instead.
+
+    nnU-Net's rule (nnunetv2/experiment_planning/experiment_planners/default_experiment_planner.py,
+    ``ExperimentPlanner.determine_fullres_target_spacing``): the data count as anisotropic when the
+    coarsest median spacing is more than ``anisotropy_threshold`` times the largest other one *and* the
+    median number of voxels along that axis (after cropping), times the threshold, is below the
+    smallest other median. The 10th percentile is then bounded below by the largest other spacing
+    (plus 1e-5): the coarse axis never becomes finer than the in-plane axes.
+    """
     spacings = np.array([c.spacing for c in fp.cases], dtype=float)
+    sizes = np.array([c.cropped_shape for c in fp.cases], dtype=float)
     target = np.median(spacings, axis=0)
+    median_size = np.median(sizes, axis=0)
     worst = int(np.argmax(target))
     others = [a for a in range(3) if a != worst]
-    if target[worst] / target[others].min() > anisotropy_threshold:
+    aniso_spacing = target[worst] > anisotropy_threshold * target[others].max()
+    aniso_voxels = median_size[worst] * anisotropy_threshold < median_size[others].min()
+    if aniso_spacing and aniso_voxels:
         p10 = float(np.percentile(spacings[:, worst], 10))
-        target[worst] = max(p10, float(target[others].max()) + 1e-5)
+        if p10 < target[others].max():
+            p10 = float(target[others].max()) + 1e-5
+        target[worst] = p10
     return [float(s) for s in target]
+
+
+def slice_axis(spacing: list[float]) -> int:
+    """The axis a 2d configuration slices along: the coarsest; on a tie the last one (Z in the files'
+    (X, Y, Z) order), which is the axis nnU-Net's transpose puts first (its arrays are (Z, Y, X))."""
+    coarsest = max(spacing)
+    return max(a for a, s in enumerate(spacing) if s == coarsest)
 
 
 def median_shape_at(fp: Fingerprint, spacing: list[float]) -> list[int]:
@@ -83,29 +105,46 @@ def plan_normalization(fp: Fingerprint) -> list[Normalization]:
     return out
 
 
-def plan_topology(spacing: list[float], patch: list[int], preset: PlannerPreset) -> Topology:
-    """Pool each axis while its feature map stays >= 2 x ``min_feature_map`` and its spacing is at most
-    twice the finest of the axes that can still pool (as nnU-Net v2); kernel 1 on an axis while its
-    spacing is more than twice the finest."""
+def plan_topology(
+    spacing: list[float],
+    patch: list[int],
+    preset: PlannerPreset,
+    max_features: int | None = None,
+    max_stages: int | None = None,
+) -> Topology:
+    """Pooling and kernels per stage, for 2 or 3 axes, by nnU-Net's rule
+    (nnunetv2/experiment_planning/experiment_planners/network_topology.py, ``get_pool_and_conv_props``).
+
+    An axis pools while its feature map is at least ``2 x min_feature_map`` and its spacing is less than
+    twice the finest spacing of the axes that can still pool (a single such axis also needs
+    ``3 x min_feature_map``). A stage's kernel is 3 along an axis once its spacing there is less than
+    twice the finest (1 before: thick slices get in-plane kernels); the last stage's kernel is 3
+    everywhere. Unlike nnU-Net the stages are capped (``max_stages``, a preset knob).
+    """
+    dims = len(spacing)
+    max_stages = max_stages or preset.max_stages
     current = np.array(spacing, dtype=float)
     size = np.array(patch, dtype=float)
-    kernels = [[3 if current[a] <= 2 * current.min() else 1 for a in range(3)]]
-    strides = [[1, 1, 1]]
-    while len(strides) < preset.max_stages:
-        poolable = [a for a in range(3) if size[a] >= 2 * preset.min_feature_map]
-        if not poolable:
+    kernel = [1] * dims
+    kernels: list[list[int]] = []
+    strides = [[1] * dims]
+    while len(strides) < max_stages:
+        valid = [a for a in range(dims) if size[a] >= 2 * preset.min_feature_map]
+        if not valid:
             break
-        finest = min(current[a] for a in poolable)  # an axis too small to pool must not block the others
-        pool = [bool(a in poolable and current[a] <= 2 * finest) for a in range(3)]
-        if not any(pool):
+        finest = min(current[a] for a in valid)
+        pool = [a for a in valid if current[a] / finest < 2]
+        if not pool or (len(pool) == 1 and size[pool[0]] < 3 * preset.min_feature_map):
             break
-        stride = [2 if p else 1 for p in pool]
-        size = size / np.array(stride)
-        current = current * np.array(stride)
-        previous = kernels[-1]
-        kernels.append([3 if previous[a] == 3 or current[a] <= 2 * current.min() else 1 for a in range(3)])
+        kernel = [3 if k == 3 or current[a] / current.min() < 2 else 1 for a, k in enumerate(kernel)]
+        kernels.append(list(kernel))
+        stride = [2 if a in pool else 1 for a in range(dims)]
         strides.append(stride)
-    features = [min(preset.base_features * 2**i, preset.max_features) for i in range(len(strides))]
+        current = current * np.array(stride)
+        size = np.ceil(size / np.array(stride))
+    kernels.append([3] * dims)  # the bottleneck
+    top = preset.max_features if max_features is None else max_features
+    features = [min(preset.base_features * 2**i, top) for i in range(len(strides))]
     return Topology(kernel_sizes=kernels, strides=strides, features=features)
 
 
@@ -113,7 +152,7 @@ def estimate_memory_bytes(patch: list[int], topology: Topology, batch_size: int)
     """Estimated training activation memory for one batch (see BYTES_PER_FEATURE_VOXEL)."""
     voxels = float(np.prod(patch))
     total = 0.0
-    scale = np.ones(3)
+    scale = np.ones(len(patch))
     for stride, feat in zip(topology.strides, topology.features):
         scale = scale * np.array(stride)
         total += voxels / float(np.prod(scale)) * feat
@@ -124,6 +163,66 @@ def _round_up(patch: np.ndarray, divisor: list[int]) -> list[int]:
     return [int(math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
 
 
+@dataclass
+class _Planned:
+    patch: list[int]
+    topology: Topology
+    batch: int
+
+
+def _plan_patch(
+    spacing: list[float],
+    median_shape: list[int],
+    dataset_voxels: float,
+    preset: PlannerPreset,
+    max_patch: float,
+    max_features: int,
+    max_stages: int,
+) -> _Planned:
+    """Patch, topology and batch on 2 or 3 axes (nnU-Net's ``get_plans_for_configuration`` with
+    segpipe's memory model): an isotropic-in-mm patch of ``max_patch`` voxels, no larger than the
+    median case, shrunk along the axis largest relative to the median until the memory estimate of
+    the smallest batch fits; then the batch that fits, at most 5% of the dataset's voxels."""
+    dims = len(spacing)
+    budget = preset.gpu_memory_gb * 1024**3
+    if preset.max_batch_voxels:  # CPU presets: bound the compute of one iteration as well
+        max_patch = min(max_patch, preset.max_batch_voxels / preset.min_batch_size)
+    inv = 1.0 / np.array(spacing, dtype=float)
+    patch = inv * (max_patch / np.prod(inv)) ** (1 / dims)
+    patch = np.minimum(np.round(patch), np.array(median_shape, dtype=float)).clip(min=1)
+
+    def topology_for(p: np.ndarray) -> Topology:
+        return plan_topology(spacing, [int(v) for v in p], preset, max_features, max_stages)
+
+    topology = topology_for(patch)
+    padded = _round_up(patch, topology.divisor())
+
+    def too_big(p: list[int]) -> bool:
+        over_memory = estimate_memory_bytes(p, topology, preset.min_batch_size) > budget
+        over_compute = bool(preset.max_batch_voxels) and np.prod(p) * preset.min_batch_size > preset.max_batch_voxels
+        return over_memory or over_compute
+
+    while too_big(padded):
+        divisor = topology.divisor()
+        ratios = np.array(padded) / np.array(median_shape)
+        shrinkable = [a for a in range(dims) if padded[a] - divisor[a] >= divisor[a]]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: ratios[a])
+        patch = np.array(padded, dtype=float)
+        patch[axis] -= divisor[axis]
+        topology = topology_for(patch)
+        padded = _round_up(patch, topology.divisor())
+    per_sample = estimate_memory_bytes(padded, topology, 1)
+    batch = int(np.clip(budget // per_sample, preset.min_batch_size, preset.max_batch_size))
+    if preset.max_batch_voxels:
+        batch = min(batch, int(preset.max_batch_voxels // np.prod(padded)))
+    # nnU-Net's cap: round(5% of the dataset's voxels / patch voxels) (``get_plans_for_configuration``)
+    cap = int(round(preset.max_dataset_fraction_per_batch * dataset_voxels / np.prod(padded)))
+    batch = max(preset.min_batch_size, min(batch, cap))
+    return _Planned(padded, topology, batch)
+
+
 def plan_configuration(
     name: str,
     spacing: list[float],
@@ -132,45 +231,65 @@ def plan_configuration(
     preset: PlannerPreset,
     data_identifier: str | None = None,
 ) -> Configuration:
-    """Patch, topology and batch size for one spacing, within the preset's memory budget."""
-    budget = preset.gpu_memory_gb * 1024**3
-    inv = 1.0 / np.array(spacing)
-    # Start from an isotropic-in-mm patch of max_patch_voxels, then no larger than the median case.
-    patch = inv * (preset.max_patch_voxels / np.prod(inv)) ** (1 / 3)
-    patch = np.minimum(np.round(patch), np.array(median_shape, dtype=float)).clip(min=1)
-    topology = plan_topology(spacing, [int(p) for p in patch], preset)
-    padded = _round_up(patch, topology.divisor())
-    while estimate_memory_bytes(padded, topology, preset.min_batch_size) > budget:
-        ratios = np.array(padded) / np.array(median_shape)
-        axis = int(np.argmax(ratios))
-        step = topology.divisor()[axis]
-        if padded[axis] - step < step:
-            shrinkable = [a for a in range(3) if padded[a] - topology.divisor()[a] >= topology.divisor()[a]]
-            if not shrinkable:
-                break
-            axis = max(shrinkable, key=lambda a: ratios[a])
-            step = topology.divisor()[axis]
-        patch = np.array(padded, dtype=float)
-        patch[axis] -= step
-        topology = plan_topology(spacing, [int(p) for p in patch], preset)
-        padded = _round_up(patch, topology.divisor())
-    per_sample = estimate_memory_bytes(padded, topology, 1)
-    batch = int(np.clip(budget // per_sample, preset.min_batch_size, preset.max_batch_size))
-    cap = int(preset.max_dataset_fraction_per_batch * dataset_voxels // np.prod(padded))
-    batch = max(preset.min_batch_size, min(batch, cap))
+    """A 3d configuration: patch, topology and batch size for one spacing, within the preset's budgets."""
+    planned = _plan_patch(
+        spacing, median_shape, dataset_voxels, preset, preset.max_patch_voxels, preset.max_features, preset.max_stages
+    )
     return Configuration(
         name=name,
         spacing=[float(s) for s in spacing],
         median_shape=[int(s) for s in median_shape],
-        patch_size=padded,
-        batch_size=batch,
-        topology=topology,
+        patch_size=planned.patch,
+        batch_size=planned.batch,
+        topology=planned.topology,
         data_identifier=data_identifier or name,
     )
 
 
+def plan_2d(fullres: Configuration, dataset_voxels: float, preset: PlannerPreset) -> Configuration:
+    """The 2d configuration: slices of the 3d_fullres data along its coarsest axis.
+
+    As nnU-Net's ``plan_experiment`` plans 2d: the in-plane spacing and median shape of 3d_fullres, an
+    initial patch of ``max_patch_pixels_2d`` (2048^2) pixels isotropic in mm, features up to
+    ``max_features_2d`` (512). Stored with three axes: patch, kernel and stride 1 along ``slice_axis``.
+    """
+    axis = slice_axis(fullres.spacing)
+    plane = [a for a in range(3) if a != axis]
+    planned = _plan_patch(
+        [fullres.spacing[a] for a in plane],
+        [fullres.median_shape[a] for a in plane],
+        dataset_voxels,
+        preset,
+        preset.max_patch_pixels_2d,
+        preset.max_features_2d,
+        preset.max_stages_2d,
+    )
+
+    def embed(values: list[int]) -> list[int]:
+        out = list(values)
+        out.insert(axis, 1)
+        return out
+
+    topology = Topology(
+        kernel_sizes=[embed(k) for k in planned.topology.kernel_sizes],
+        strides=[embed(s) for s in planned.topology.strides],
+        features=planned.topology.features,
+    )
+    return Configuration(
+        name=TWO_D,
+        spacing=list(fullres.spacing),
+        median_shape=list(fullres.median_shape),
+        patch_size=embed(planned.patch),
+        batch_size=planned.batch,
+        topology=topology,
+        data_identifier=fullres.data_identifier,  # trained on slices of the preprocessed 3d_fullres cases
+        slice_axis=axis,
+    )
+
+
 def _dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
-    return float(sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases))
+    # nnU-Net's n_vox_dataset: the median case's voxels at this spacing times the number of cases
+    return float(np.prod(median_shape_at(fp, spacing))) * len(fp.cases)
 
 
 def plan_lowres(fp: Fingerprint, fullres: Configuration, preset: PlannerPreset) -> Configuration | None:
@@ -194,8 +313,9 @@ def plan_dataset(fp: Fingerprint, preset: PlannerPreset, labels: dict[str, int])
     """Plan every configuration of a dataset from its fingerprint."""
     spacing = target_spacing(fp, preset.anisotropy_threshold)
     median = median_shape_at(fp, spacing)
-    fullres = plan_configuration(FULLRES, spacing, median, _dataset_voxels(fp, spacing), preset)
-    configurations = {FULLRES: fullres}
+    voxels = _dataset_voxels(fp, spacing)
+    fullres = plan_configuration(FULLRES, spacing, median, voxels, preset)
+    configurations = {TWO_D: plan_2d(fullres, voxels, preset), FULLRES: fullres}
     lowres = plan_lowres(fp, fullres, preset)
     if lowres is not None:
         cascade = from_dict(Configuration, {**to_dict(fullres), "name": CASCADE, "previous_stage": LOWRES})
@@ -211,6 +331,7 @@ def plan_dataset(fp: Fingerprint, preset: PlannerPreset, labels: dict[str, int])
         configurations=configurations,
         training=training,
         original_median_spacing=[float(s) for s in np.median([c.spacing for c in fp.cases], axis=0)],
+        anisotropy_threshold=preset.anisotropy_threshold,
     )
 
 
@@ -253,5 +374,6 @@ def describe_plans(plans: Plans) -> str:
             f"{c.name}: spacing {[round(s, 3) for s in c.spacing]} mm, median shape {c.median_shape}, "
             f"patch {c.patch_size}, batch {c.batch_size}, features {c.topology.features}"
             + (f", previous stage {c.previous_stage}" if c.previous_stage else "")
+            + (f", slices along axis {c.slice_axis}" if c.is_2d else "")
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Plans: the typed, versioned description of how to preprocess and train a dataset.
 
-``planning.py`` writes a :class:`Plans` to ``WORK/plans.json``; every later stage reads it and
+``planner.py`` writes a :class:`Plans` to ``WORK/plans.json``; every later stage reads it and
 nothing else decides a spacing, patch, topology or hyper-parameter. Planner presets (the knobs the
 planner starts from: memory budget, feature widths, training settings) are JSON files in the
 top-level ``plans/`` folder, loaded as :class:`PlannerPreset`.
@@ -22,6 +22,7 @@ from segpipe.core.serialization import from_dict, to_dict
 SCHEMA_VERSION = 1
 PRESET_DIR = Path(__file__).resolve().parents[2] / "plans"
 
+TWO_D = "2d"
 FULLRES = "3d_fullres"
 LOWRES = "3d_lowres"
 CASCADE = "3d_cascade_fullres"
@@ -53,7 +54,7 @@ class Topology:
 
     def divisor(self) -> list[int]:
         """What every patch axis must be divisible by (product of strides)."""
-        out = [1, 1, 1]
+        out = [1] * len(self.strides[0])
         for s in self.strides:
             out = [a * b for a, b in zip(out, s)]
         return out
@@ -61,7 +62,11 @@ class Topology:
 
 @dataclass
 class Configuration:
-    """One trainable configuration (``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``)."""
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``).
+
+    ``patch_size`` and ``topology`` always have three axes; a 2d configuration has ``slice_axis`` set,
+    patch 1 and kernel/stride 1 along it: the network sees the other two axes of one slice.
+    """
 
     name: str
     spacing: list[float]  # mm, array-axis order (X, Y, Z)
@@ -71,6 +76,11 @@ class Configuration:
     topology: Topology
     data_identifier: str  # folder under WORK/preprocessed holding this configuration's cases
     previous_stage: str | None = None  # the cascade's stage-1 configuration
+    slice_axis: int | None = None  # 2d: the axis the volume is sliced along; None for 3d
+
+    @property
+    def is_2d(self) -> bool:
+        return self.slice_axis is not None
 
 
 @dataclass
@@ -123,6 +133,12 @@ class PlannerPreset:
     max_batch_size: int = 64
     max_dataset_fraction_per_batch: float = 0.05
     max_patch_voxels: int = 256**3
+    # compute per iteration, patch voxels x batch (CPU presets: what a few cores train in reasonable
+    # time); None: only the memory budget decides
+    max_batch_voxels: int | None = None
+    max_features_2d: int = 512  # nnU-Net's UNet_max_features_2d
+    max_stages_2d: int = 8
+    max_patch_pixels_2d: int = 2048**2  # nnU-Net's initial 2d patch: 2048^2 pixels, isotropic in mm
     cascade_coverage_threshold: float = 0.25
     lowres_spacing_step: float = 1.03
     anisotropy_threshold: float = 3.0
@@ -141,6 +157,7 @@ class Plans:
     configurations: dict[str, Configuration]
     training: TrainingSettings
     original_median_spacing: list[float]
+    anisotropy_threshold: float = 3.0  # the planner's, also the resampling's separate-axis rule
     schema_version: int = SCHEMA_VERSION
 
     @property

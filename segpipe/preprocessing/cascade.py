@@ -43,7 +43,9 @@ def previous_stage_classes(
         raise InputError(where, f"previous-stage segmentation has label values {unknown} that the plans do not know")
     box = tuple(slice(lo, hi) for lo, hi in props.crop_box)
     classes = plans.label_to_class(seg[box].astype(np.int64))
-    out = resample_label(classes, props.original_spacing, config.spacing, plans.num_classes).astype(np.int8)
+    out = resample_label(
+        classes, props.original_spacing, config.spacing, plans.num_classes, plans.anisotropy_threshold
+    ).astype(np.int8)
     if list(out.shape) != list(props.shape):
         raise InputError(where, f"resampled to {list(out.shape)}, the preprocessed image is {props.shape}")
     return out

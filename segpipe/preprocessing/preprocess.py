@@ -61,11 +61,13 @@ def preprocess_case(
     sl = tuple(slice(lo, hi) for lo, hi in box)
     image = normalize(data.image[(slice(None), *sl)], plans.normalization)
     spacing = [float(s) for s in data.spacing]
-    image = resample_image(image, spacing, config.spacing)
+    image = resample_image(image, spacing, config.spacing, threshold=plans.anisotropy_threshold)
     label = None
     if data.label is not None:
         classes = plans.label_to_class(data.label[sl])
-        label = resample_label(classes, spacing, config.spacing, plans.num_classes).astype(np.int8)
+        label = resample_label(classes, spacing, config.spacing, plans.num_classes, plans.anisotropy_threshold).astype(
+            np.int8
+        )
     props = CaseProperties(
         case_id=data.case_id,
         original_shape=list(data.image.shape[1:]),

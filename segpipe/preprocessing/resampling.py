@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-ANISOTROPY_THRESHOLD = 3.0
+ANISOTROPY_THRESHOLD = 3.0  # nnunetv2/configuration.py ANISO_THRESHOLD; plans carry their own value
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
@@ -24,11 +24,20 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     return [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target)]
 
 
-def separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
-    """The coarse axis to resample on its own (order 0), or None for isotropic-enough data."""
+def separate_axis(
+    spacing: Sequence[float], target: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD
+) -> int | None:
+    """The coarse axis to resample on its own (order 0), or None for isotropic-enough data.
+
+    nnU-Net's rule (nnunetv2/preprocessing/resampling/default_resampling.py,
+    ``determine_do_sep_z_and_axis``): the source spacing decides if it is anisotropic (max / min above
+    ``threshold``), else the target spacing; the separate axis is the coarsest one, and when two or
+    three axes share the coarsest spacing no axis is resampled separately.
+    """
     for sp in (spacing, target):
-        if max(sp) / min(sp) > ANISOTROPY_THRESHOLD:
-            return int(np.argmax(sp))
+        if max(sp) / min(sp) > threshold:
+            coarsest = [a for a, v in enumerate(sp) if v == max(sp)]
+            return coarsest[0] if len(coarsest) == 1 else None
     return None
 
 
@@ -51,21 +60,32 @@ def _resample_volume(volume: np.ndarray, shape: Sequence[int], order: int, axis:
     return np.moveaxis(slices, 0, axis)
 
 
-def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float], order: int = 3) -> np.ndarray:
-    """Resample a ``(C, X, Y, Z)`` image from ``spacing`` to ``target`` mm."""
+def resample_image(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    target: Sequence[float],
+    order: int = 3,
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> np.ndarray:
+    """Resample a ``(C, X, Y, Z)`` image from ``spacing`` to ``target`` mm (``threshold``: see
+    :func:`separate_axis`)."""
     shape = resampled_shape(image.shape[1:], spacing, target)
-    axis = separate_axis(spacing, target)
+    axis = separate_axis(spacing, target, threshold)
     return np.stack([_resample_volume(c, shape, order, axis) for c in image]).astype(np.float32, copy=False)
 
 
 def resample_label(
-    label: np.ndarray, spacing: Sequence[float], target: Sequence[float], num_classes: int
+    label: np.ndarray,
+    spacing: Sequence[float],
+    target: Sequence[float],
+    num_classes: int,
+    threshold: float = ANISOTROPY_THRESHOLD,
 ) -> np.ndarray:
     """Resample an ``(X, Y, Z)`` label map: linear interpolation of each class's mask, then argmax."""
     shape = resampled_shape(label.shape, spacing, target)
     if tuple(shape) == label.shape:
         return label
-    axis = separate_axis(spacing, target)
+    axis = separate_axis(spacing, target, threshold)
     best = np.zeros(shape, dtype=np.float32)
     out = np.zeros(shape, dtype=label.dtype)
     for c in range(num_classes):

@@ -19,6 +19,8 @@ from segpipe.core.serialization import from_dict
 from segpipe.networks.build import build_network
 from segpipe.planning.plans import Configuration, Plans, TrainingSettings
 
+# What a checkpoint written before mirror axes were stored allowed: every axis (3d training).
+DEFAULT_MIRROR_AXES = (0, 1, 2)
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
 
@@ -53,6 +55,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def mirror_axes_of(path: Path) -> tuple[int, ...]:
+    """The axes the model in ``path`` was mirrored along in training, so prediction may mirror them
+    (nnU-Net stores ``inference_allowed_mirroring_axes`` in its checkpoints the same way)."""
+    return tuple(int(a) for a in load_checkpoint(path).get("mirror_axes", DEFAULT_MIRROR_AXES))
 
 
 def load_model(path: Path, plans: Plans, config: Configuration, device: torch.device) -> nn.Module:

@@ -30,12 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.augmentation.batched import augment_batch
-from segpipe.augmentation.draw import AUGMENTATIONS, Augmenter
+from segpipe.augmentation.draw import AUGMENTATIONS, Augmenter, choose_geometry
 from segpipe.core.atomic import read_json, remove_stale_temporaries
 from segpipe.core.paths import WorkDir
 from segpipe.core.serialization import from_dict, to_dict
 from segpipe.inference.predict import amp_dtype_for, resolve_device
 from segpipe.networks.build import build_network
+from segpipe.planning.planner import slice_axis
 from segpipe.planning.plans import Configuration, Plans, TrainingSettings, load_plans
 from segpipe.planning.splits import load_or_create_splits
 from segpipe.preprocessing.cascade import prepare_training_inputs
@@ -192,7 +193,15 @@ def setup(
         amp_dtype=amp,
         train_spec=spec(split["train"]),
         val_spec=spec(split["val"]),
-        augmenter=Augmenter(AUGMENTATIONS.get(settings.augmentation), channels, extra),
+        augmenter=Augmenter(
+            AUGMENTATIONS.get(settings.augmentation),
+            channels,
+            extra,
+            choose_geometry(
+                config.patch_size, slice_axis(config.spacing), config.slice_axis, plans.anisotropy_threshold
+            ),
+            config.patch_size,
+        ),
         time_budget=time_budget,
         swa=WeightAverage() if settings.swa else None,
         dist=dist,
@@ -232,6 +241,7 @@ def _checkpoint(run: TrainingRun) -> dict[str, Any]:
         "settings": to_dict(run.settings),
         "time_budget": run.time_budget,
         "config": run.config.name,
+        "mirror_axes": list(run.augmenter.mirror_axes),
         "plans_hash": run.plans.fingerprint_hash(),
         "rng": rng_state(),
         "swa": run.swa.state_dict() if run.swa is not None else None,
@@ -283,6 +293,7 @@ def take_snapshot(run: TrainingRun, epoch: int) -> None:
             "state": to_dict(run.state),
             "progress": run.progress(),
             "validation": metrics,
+            "mirror_axes": list(run.augmenter.mirror_axes),
         },
     )
     tqdm.write(f"snapshot {run.state.snapshots} at {run.progress():.0%}: pseudo-Dice {metrics['mean_dice']:.4f}")
@@ -301,7 +312,12 @@ def save_swa(run: TrainingRun) -> None:
         )
     save_checkpoint(
         run.run_dir / SWA_FILE,
-        {"model": model.state_dict(), "settings": to_dict(run.settings), "swa_count": run.swa.count},
+        {
+            "model": model.state_dict(),
+            "settings": to_dict(run.settings),
+            "swa_count": run.swa.count,
+            "mirror_axes": list(run.augmenter.mirror_axes),
+        },
     )
 
 
@@ -366,6 +382,13 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
     workers = settings.num_workers if num_workers is None else num_workers
     ends = cycle_ends(settings)
     run.model.train()
+    if main and not run.state.done:
+        g = run.augmenter.geometry
+        tqdm.write(
+            f"{run.config.name}: patch {run.config.patch_size}, batch {run.config.batch_size}; augmentation "
+            + (f"{g.kind} (out-of-plane axis {g.axis})" if g.in_plane else "3d")
+            + f", mirroring axes {list(run.augmenter.mirror_axes)}"
+        )
     while not run.state.done:
         epoch = run.state.epoch
         loader = make_loader(train_batches(run, epoch), workers, pin_memory=run.device.type == "cuda")

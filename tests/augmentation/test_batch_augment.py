@@ -7,13 +7,23 @@ zero-padded to the batch extent, so both see the same data and must agree up to 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from segpipe.augmentation.batched import apply_batch, batch_extent, center_pad_or_crop, monai_affine_matrix
-from segpipe.augmentation.draw import AugmentationConfig, Augmenter, AugmentParams, apply, source_extent
+from segpipe.augmentation.draw import (
+    AUGMENTATIONS,
+    AugmentationConfig,
+    Augmenter,
+    AugmentParams,
+    Geometry,
+    apply,
+    choose_geometry,
+    source_extent,
+)
 from segpipe.training.sampling import crop_padded
 
 PATCH = [16, 20, 12]
@@ -268,3 +278,108 @@ def test_monai_affine_matrix_is_a_scaled_rotation() -> None:
     assert np.allclose(monai_affine_matrix(None, None), np.eye(3))
     half = math.pi / 2  # rotating about axis 2 by 90 degrees sends axis 1 into -axis 0
     assert np.allclose(monai_affine_matrix([0, 0, half], None) @ [0, 1, 0], [-1, 0, 0])
+
+
+# ------------------------------------------------------------------ thick slices: dummy 2D and 2d
+
+
+def test_geometry_follows_nnunet_rule() -> None:
+    # nnU-Net: dummy 2D when max(patch) / patch[coarse] > 3 (strict); a 2d configuration is 2d
+    assert choose_geometry([80, 80, 24], 2, None, 3.0) == Geometry("dummy_2d", 2)  # 80 / 24 = 3.33
+    assert choose_geometry([72, 72, 24], 2, None, 3.0) == Geometry("3d")  # 72 / 24 = 3.0 is not > 3
+    assert choose_geometry([40, 56, 40], 2, None, 3.0) == Geometry("3d")  # Hippocampus
+    assert choose_geometry([24, 96, 96], 0, None, 3.0) == Geometry("dummy_2d", 0)
+    assert choose_geometry([192, 160, 1], 2, 2, 3.0) == Geometry("2d", 2)
+
+
+def test_dummy_2d_draws_in_plane_rotation_and_scale_only() -> None:
+    config = AugmentationConfig(p_rotation=1.0, p_scale=1.0, p_lowres=1.0)
+    aug = Augmenter(config, 1, geometry=Geometry("dummy_2d", 2), patch=[80, 80, 24])
+    rng = np.random.default_rng(0)
+    drawn = [aug.draw(rng) for _ in range(400)]
+    angles = np.array([p.rotation for p in drawn])
+    assert np.all(angles[:, :2] == 0) and np.abs(angles[:, 2]).max() <= math.pi
+    assert np.abs(angles[:, 2]).max() > math.radians(150)  # +-180 deg, not 3D's +-30 deg
+    assert all(p.scale[2] == 1.0 and p.scale[0] == p.scale[1] for p in drawn)
+    assert all(p.lowres_keep_axis == 2 and p.blur_keep_axis is None for p in drawn)
+    assert aug.mirror_axes == (0, 1, 2)  # nnU-Net mirrors all axes in dummy 2D too
+    plain = Augmenter(config, 1, patch=[40, 56, 40])
+    angles3 = np.array([plain.draw(rng).rotation for _ in range(200)])
+    assert np.abs(angles3).max() <= math.radians(30) and np.all(np.abs(angles3).max(axis=0) > 0.3)
+
+
+def test_2d_rotation_range_mirror_axes_and_blur_axis() -> None:
+    config = AugmentationConfig(p_rotation=1.0, p_blur=1.0)
+    square = Augmenter(config, 1, geometry=Geometry("2d", 1), patch=[64, 1, 64])
+    elongated = Augmenter(config, 1, geometry=Geometry("2d", 1), patch=[160, 1, 64])  # 2.5 > 1.5
+    rng = np.random.default_rng(1)
+    wide = np.array([square.draw(rng).rotation for _ in range(300)])
+    narrow = np.array([elongated.draw(rng).rotation for _ in range(300)])
+    assert np.all(wide[:, [0, 2]] == 0) and np.abs(wide[:, 1]).max() > math.radians(150)
+    assert np.abs(narrow[:, 1]).max() <= math.radians(15) + 1e-12
+    assert square.mirror_axes == (0, 2)
+    assert square.draw(rng).blur_keep_axis == 1
+    assert Augmenter(AugmentationConfig(p_mirror=0.0), 1).mirror_axes == ()
+
+
+def _slice_volume(axis: int) -> np.ndarray:
+    """One channel whose every slice along ``axis`` is a constant 1..n: any mixing of slices shows."""
+    shape = [160, 160, 160]
+    values = np.arange(1, shape[axis] + 1, dtype=np.float32)
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    return np.broadcast_to(values.reshape(view), shape)[None].copy()
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_dummy_2d_augmentation_keeps_the_out_of_plane_axis_untouched(axis: int) -> None:
+    """Rotation, scaling and low-resolution simulation in dummy 2D: output slice k along the coarse axis
+    holds exactly the input slice it came from; the same draw in 3D mixes slices."""
+    patch = [24, 80, 80] if axis == 0 else [80, 80, 24]
+    config = replace(AUGMENTATIONS.get("none"), p_rotation=1.0, p_scale=1.0, p_lowres=1.0)
+    aug = Augmenter(config, 1, geometry=Geometry("dummy_2d", axis), patch=patch)
+    image = _slice_volume(axis)
+    label = np.zeros((1, *image.shape[1:]), dtype=np.int8)
+    rng = np.random.default_rng(2)
+    params = [aug.draw(rng) for _ in range(3)]
+    centre = np.array([80, 80, 80])
+    extent = batch_extent(patch, params)
+    assert extent[axis] == patch[axis]  # read as it is: no margin along the out-of-plane axis
+    crops = torch.from_numpy(crop_padded(image, centre, extent))[None].repeat(3, 1, 1, 1, 1)
+    labels = torch.from_numpy(crop_padded(label, centre, extent))[None].repeat(3, 1, 1, 1, 1)
+    out, _ = apply_batch(crops, labels, params, patch)
+    expected = crop_padded(image, centre, patch)[0]  # slice k's constant, before augmentation
+    for k in range(3):
+        np.testing.assert_allclose(out[k, 0].numpy(), expected, atol=1e-3)
+        ref, _ = apply(
+            torch.from_numpy(crop_padded(image, centre, source_extent(patch, params[k]))),
+            torch.from_numpy(crop_padded(label, centre, source_extent(patch, params[k]))),
+            params[k],
+            patch,
+        )
+        assert float((ref[0] - out[k, 0]).abs().max()) <= RTOL * float(expected.max())
+    mixed = AugmentParams(rotation=[0.3, 0.3, 0.3])  # what 3D augmentation draws
+    src = source_extent(patch, mixed)
+    out3, _ = apply_batch(
+        torch.from_numpy(crop_padded(image, centre, src))[None],
+        torch.from_numpy(crop_padded(label, centre, src))[None],
+        [mixed],
+        patch,
+    )
+    assert np.abs(out3[0, 0].numpy() - expected).max() > 1.0
+
+
+def test_2d_blur_is_in_plane_and_batched_equals_reference(volume) -> None:
+    """A one-slice patch blurred in-plane keeps its intensity level (a blur across a 1-voxel axis with
+    zero padding would darken it), and the batched path equals MONAI's GaussianSmooth with sigma 0 there."""
+    patch = [16, 1, 20]
+    params = [
+        AugmentParams(blur_sigma=[0.9, 0.6], blur_keep_axis=1, rotation=[0.0, 1.1, 0.0], scale=[1.2, 1.0, 1.2]),
+        AugmentParams(blur_sigma=[None, 1.0], blur_keep_axis=1, lowres_zoom=[0.6, None], lowres_keep_axis=1),
+    ]
+    _assert_equivalent(*_run_both(volume, params, _centres(2, seed=9), patch=patch))
+    flat = torch.ones(1, 1, 16, 1, 20)
+    out, _ = apply_batch(
+        flat, torch.zeros(1, 1, 16, 1, 20, dtype=torch.int8), [AugmentParams(blur_sigma=[1.0], blur_keep_axis=1)], patch
+    )
+    assert float(out[0, 0, 8, 0, 10]) == pytest.approx(1.0, abs=1e-3)  # interior: unchanged level

@@ -318,6 +318,7 @@ def test_predict_folder_writes_input_geometry(tmp_path: Path, monkeypatch: pytes
     save_plans(plans, work / "plans.json")
     model = NearestValue(_normalized_class_values(label))
     monkeypatch.setattr(predict_module, "load_members", lambda *args, **kwargs: [model])
+    monkeypatch.setattr(predict_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
     out = tmp_path / "out"
     summary = predict_folder(inputs, out, work, FULLRES, Members([0]), PredictOptions(), device="cpu")
     assert summary["predicted"] == 1 and summary["failed"] == 0

@@ -18,6 +18,7 @@ from segpipe.planning.planner import (
     plan_dataset,
     plan_normalization,
     plan_topology,
+    slice_axis,
     target_spacing,
 )
 from segpipe.planning.plans import (
@@ -25,6 +26,7 @@ from segpipe.planning.plans import (
     FULLRES,
     LOWRES,
     SCHEMA_VERSION,
+    TWO_D,
     Normalization,
     PlannerPreset,
     Plans,
@@ -134,7 +136,7 @@ def _cascade_fingerprint() -> Fingerprint:
 
 def test_plans_round_trip_losslessly(preset: PlannerPreset, tmp_path: Path) -> None:
     plans = plan_dataset(_cascade_fingerprint(), preset, LABELS)
-    assert set(plans.configurations) == {FULLRES, LOWRES, CASCADE}  # optional fields both set and None
+    assert set(plans.configurations) == {TWO_D, FULLRES, LOWRES, CASCADE}  # optional fields both set and None
     path = tmp_path / "plans.json"
     save_plans(plans, path)
     loaded = load_plans(path)
@@ -171,7 +173,7 @@ def test_training_overrides(preset: PlannerPreset) -> None:
 
 def test_configuration_lookup_names_planned(preset: PlannerPreset) -> None:
     plans = plan_dataset(make_fingerprint([[1, 1, 1]] * 3, [[40, 40, 40]] * 3), preset, LABELS)
-    with pytest.raises(KeyError, match="planned: 3d_fullres"):
+    with pytest.raises(KeyError, match="planned: 2d, 3d_fullres"):
         plans.configuration(LOWRES)
 
 
@@ -183,21 +185,43 @@ def test_target_spacing_is_median() -> None:
     assert target_spacing(fp, 3.0) == pytest.approx([1.05, 0.95, 1.05])
 
 
+THICK = [[200, 200, 30]]  # median voxels along z x 3 = 90 < 200: nnU-Net's "few voxels" condition holds
+
+
 def test_target_spacing_anisotropic_uses_10th_percentile() -> None:
     z = [1.5, 2.0, 3.0, 3.0, 3.5, 4.0, 4.0, 5.0, 5.0, 5.0]  # median 3.75 > 3 x 0.5
-    fp = make_fingerprint([[0.5, 0.5, s] for s in z])
+    fp = make_fingerprint([[0.5, 0.5, s] for s in z], THICK * 10)
     assert target_spacing(fp, 3.0) == pytest.approx([0.5, 0.5, 1.95])  # np.percentile(z, 10)
+
+
+def test_target_spacing_needs_few_voxels_along_the_coarse_axis_too() -> None:
+    # spacing condition holds (3.75 > 1.5), but 100 voxels along z x 3 = 300 is not < 100: keep the median
+    z = [1.5, 2.0, 3.0, 3.0, 3.5, 4.0, 4.0, 5.0, 5.0, 5.0]
+    assert target_spacing(make_fingerprint([[0.5, 0.5, s] for s in z]), 3.0) == pytest.approx([0.5, 0.5, 3.75])
+    # the voxel condition is strict: 60 x 3 = 180 is not < 180
+    fp = make_fingerprint([[0.5, 0.5, s] for s in z], [[180, 190, 60]] * 10)
+    assert target_spacing(fp, 3.0) == pytest.approx([0.5, 0.5, 3.75])
+    fp = make_fingerprint([[0.5, 0.5, s] for s in z], [[181, 190, 60]] * 10)
+    assert target_spacing(fp, 3.0) == pytest.approx([0.5, 0.5, 1.95])
+
+
+def test_target_spacing_compares_with_the_largest_other_spacing() -> None:
+    # 3.2 > 3 x 1.0 (the smallest other) but not > 3 x 1.1 (the largest other, nnU-Net's test)
+    fp = make_fingerprint([[1.0, 1.1, 3.2], [1.0, 1.1, 2.0], [1.0, 1.1, 3.2]], THICK * 3)
+    assert target_spacing(fp, 3.0) == pytest.approx([1.0, 1.1, 3.2])
+    fp = make_fingerprint([[1.0, 1.0, 3.2], [1.0, 1.0, 2.0], [1.0, 1.0, 3.2]], THICK * 3)
+    assert target_spacing(fp, 3.0) == pytest.approx([1.0, 1.0, np.percentile([3.2, 2.0, 3.2], 10)])
 
 
 def test_target_spacing_anisotropic_on_first_axis() -> None:
     x = [5.0, 4.0, 4.0, 4.0, 6.0]
-    fp = make_fingerprint([[s, 1.0, 1.2] for s in x])
+    fp = make_fingerprint([[s, 1.0, 1.2] for s in x], [[30, 200, 200]] * 5)
     assert target_spacing(fp, 3.0) == pytest.approx([4.0, 1.0, 1.2])
 
 
 def test_target_spacing_anisotropic_not_finer_than_other_axes() -> None:
     z = [0.5, 0.5] + [4.0] * 8  # 10th percentile 0.5 would be finer than the in-plane 1.0
-    fp = make_fingerprint([[1.0, 1.0, s] for s in z])
+    fp = make_fingerprint([[1.0, 1.0, s] for s in z], THICK * 10)
     assert target_spacing(fp, 3.0) == pytest.approx([1.0, 1.0, 1.0 + 1e-5], abs=1e-9)
 
 
@@ -253,9 +277,11 @@ def test_topology_anisotropic_kernels_and_strides(preset: PlannerPreset) -> None
     assert topo.strides[:4] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
     assert topo.kernel_sizes[3:] == [[3, 3, 3]] * 3
     assert topo.divisor() == [32, 32, 4]
+    # nnU-Net's ratios are strict (< 2): after one in-plane pooling z is exactly twice as coarse
+    # (2.0 vs 1.0 mm), so it keeps kernel 1 and does not pool until the next stage
     topo = plan_topology([0.5, 0.5, 2.0], [160, 160, 40], preset)
-    assert topo.kernel_sizes[0] == [3, 3, 1] and topo.kernel_sizes[1] == [3, 3, 3]
-    assert topo.strides[1] == [2, 2, 1] and topo.strides[2] == [2, 2, 2]
+    assert topo.kernel_sizes[:3] == [[3, 3, 1], [3, 3, 1], [3, 3, 3]]
+    assert topo.strides[:4] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
 
 
 def test_topology_features_double_up_to_max(preset: PlannerPreset) -> None:
@@ -277,11 +303,13 @@ def test_estimate_memory_monotone_in_patch_and_linear_in_batch(preset: PlannerPr
     assert estimate_memory_bytes([64] * 3, topo, 4) == pytest.approx(2 * estimate_memory_bytes([64] * 3, topo, 2))
 
 
-@pytest.mark.parametrize(("cases", "batch"), [(100, 5), (1000, 50), (10_000, 64)])
+# 10,000 cases: the 5% cap (500) is above what memory allows: 10 GiB / (48 B x 32^3 x (32 + 64/8 + 128/64
+# + 256/512)) = 160.6 -> 160 (the default preset, like nnU-Net, has no other batch cap)
+@pytest.mark.parametrize(("cases", "batch"), [(100, 5), (1000, 50), (10_000, 160)])
 def test_batch_capped_at_5_percent_of_dataset(cases: int, batch: int, preset: PlannerPreset) -> None:
     config = plan_configuration(FULLRES, [1, 1, 1], [32, 32, 32], cases * 32**3, preset)
     assert config.patch_size == [32, 32, 32]
-    assert config.batch_size == batch  # min(0.05 x cases, memory-limited batch, max_batch_size 64)
+    assert config.batch_size == batch  # min(round(0.05 x cases), memory-limited batch)
 
 
 def test_batch_at_least_min_for_tiny_dataset(preset: PlannerPreset) -> None:
@@ -316,7 +344,7 @@ def test_normalization_ct_and_zscore() -> None:
 
 
 def _check_cascade(plans: Plans) -> None:
-    assert list(plans.configurations) == [FULLRES, LOWRES, CASCADE]
+    assert list(plans.configurations) == [TWO_D, FULLRES, LOWRES, CASCADE]
     full, low, cascade = (plans.configurations[n] for n in (FULLRES, LOWRES, CASCADE))
     assert cascade.previous_stage == LOWRES and low.previous_stage is None and full.previous_stage is None
     assert replace(cascade, name=FULLRES, previous_stage=None) == full  # same network and data as full-res
@@ -336,7 +364,7 @@ def test_plan_dataset_cascade_for_large_cases(preset: PlannerPreset) -> None:
 
 def test_plan_dataset_no_cascade_for_small_cases(preset: PlannerPreset) -> None:
     plans = plan_dataset(make_fingerprint([[1, 1, 1]] * 3, [[60, 70, 50]] * 3), preset, LABELS)
-    assert list(plans.configurations) == [FULLRES]
+    assert list(plans.configurations) == [TWO_D, FULLRES]
     assert plans.configurations[FULLRES].median_shape == [60, 70, 50]
 
 
@@ -347,7 +375,7 @@ def test_cli_plan_small_dataset(synthetic_dataset: Path, tmp_path: Path) -> None
     assert "3d_fullres" in result.output and "3d_lowres" not in result.output
     assert sorted(p.name for p in work.iterdir()) == ["dataset.json", "fingerprint.json", "plans.json"]
     plans = load_plans(work / "plans.json")
-    assert list(plans.configurations) == [FULLRES]
+    assert list(plans.configurations) == [TWO_D, FULLRES]
     assert plans.labels == {"background": 0, "structure_1": 1, "structure_2": 2}
     assert plans.normalization == [Normalization("zscore", use_nonzero_mask=True)]
     config = plans.configurations[FULLRES]
@@ -390,3 +418,43 @@ def test_cli_plan_large_dataset_plans_cascade(tmp_path: Path) -> None:
     full = plans.configurations[FULLRES]
     assert full.spacing[2] > 2 * full.spacing[0]  # anisotropic: z stays coarse
     assert full.topology.kernel_sizes[0] == [3, 3, 1]
+
+
+# ------------------------------------------------------------------------------------- 2d
+
+
+def test_slice_axis_is_the_coarsest_last_on_a_tie() -> None:
+    assert slice_axis([0.8, 0.8, 4.0]) == 2
+    assert slice_axis([3.0, 0.7, 0.7]) == 0
+    assert slice_axis([1.0, 1.0, 1.0]) == 2  # nnU-Net's (Z, Y, X) arrays put Z first on a tie
+
+
+def test_2d_plan_follows_nnunet_rule(preset: PlannerPreset) -> None:
+    """Worked by hand from nnU-Net's ``get_plans_for_configuration`` / ``get_pool_and_conv_props``: the
+    in-plane median (300, 260) at 0.8 mm is the initial patch (< 2048^2 px); both axes pool while >= 8
+    px: 300/260 -> 150/130 -> 75/65 -> 38/33 -> 19/17 -> 10/9 -> 5/5, six pools, so the patch is padded
+    to multiples of 64: (320, 320); features min(32 * 2^i, 512); kernels 3x3 on every stage."""
+    fp = make_fingerprint([[0.8, 0.8, 4.0]] * 10, [[300, 260, 30]] * 10)
+    plans = plan_dataset(fp, preset, LABELS)
+    two_d = plans.configurations[TWO_D]
+    assert two_d.slice_axis == 2 and two_d.spacing == pytest.approx([0.8, 0.8, 4.0])
+    assert two_d.patch_size == [320, 320, 1]
+    assert two_d.topology.strides == [[1, 1, 1]] + [[2, 2, 1]] * 6
+    assert two_d.topology.kernel_sizes == [[3, 3, 1]] * 7
+    assert two_d.topology.features == [32, 64, 128, 256, 512, 512, 512]
+    assert two_d.data_identifier == FULLRES
+    # batch: segpipe's memory model, 48 bytes per feature-pixel summed over the stages (pixels / 4 per
+    # pool), within 10 GB; then nnU-Net's cap of 5% of the dataset's voxels and the preset's maximum 64
+    per_sample = 48 * 320 * 320 * sum(f / 4**i for i, f in enumerate([32, 64, 128, 256, 512, 512, 512]))
+    by_memory = int(10 * 1024**3 // per_sample)
+    cap = int(0.05 * 10 * 300 * 260 * 30 // (320 * 320))
+    assert two_d.batch_size == max(2, min(by_memory, 64, cap))
+
+
+def test_cpu_preset_bounds_the_voxels_of_one_iteration() -> None:
+    cpu = load_preset("cpu")
+    fp = make_fingerprint([[0.98, 0.98, 3.27]] * 26, [[176, 175, 58]] * 26)
+    plans = plan_dataset(fp, cpu, LABELS)
+    for config in plans.configurations.values():
+        assert np.prod(config.patch_size) * config.batch_size <= cpu.max_batch_voxels
+    assert plans.configurations[TWO_D].batch_size == 262144 // (192 * 192)  # 7 slices of 192 x 192

@@ -9,7 +9,7 @@ from conftest import HIPPOCAMPUS, requires_hippocampus, run_cli
 
 from segpipe.core.atomic import read_json
 from segpipe.planning.fingerprint import Fingerprint
-from segpipe.planning.plans import FULLRES, Normalization, load_plans
+from segpipe.planning.plans import FULLRES, TWO_D, Normalization, load_plans
 
 pytestmark = [pytest.mark.realdata, requires_hippocampus]
 
@@ -30,7 +30,7 @@ def test_hippocampus_plans(hippocampus_work: Path) -> None:
     assert plans.channel_names == ["MRI"]
     assert plans.normalization == [Normalization("zscore", use_nonzero_mask=False)]
     assert plans.original_median_spacing == [1.0, 1.0, 1.0]
-    assert list(plans.configurations) == [FULLRES]  # small cases: no cascade
+    assert list(plans.configurations) == [TWO_D, FULLRES]  # small cases: no cascade
     config = plans.configurations[FULLRES]
     assert config.spacing == [1.0, 1.0, 1.0]
     assert config.median_shape == [35, 51, 36]
@@ -39,6 +39,13 @@ def test_hippocampus_plans(hippocampus_work: Path) -> None:
     assert config.topology.features == [32, 64, 128, 256]
     assert config.topology.strides == [[1, 1, 1]] + [[2, 2, 2]] * 3
     assert config.topology.kernel_sizes == [[3, 3, 3]] * 4
+    # nnU-Net's 2d plan for Task04 is patch 56 x 40 in its (Y, X) order, 4 stages: our X 40, Y 56,
+    # sliced along Z (isotropic: the last axis); batch 287 = round(5% of 200 x 35 x 51 x 36 / (40 x 56))
+    two_d = plans.configurations[TWO_D]
+    assert two_d.slice_axis == 2 and two_d.patch_size == [40, 56, 1]
+    assert two_d.topology.strides == [[1, 1, 1]] + [[2, 2, 1]] * 3
+    assert two_d.topology.features == [32, 64, 128, 256]
+    assert two_d.batch_size == 287
 
 
 def test_hippocampus_fingerprint_and_dataset(hippocampus_work: Path) -> None:

@@ -137,7 +137,7 @@ def test_second_run_skips_and_overwrite_redoes(synthetic_dataset: Path, tmp_path
 def test_preprocess_unplanned_configuration_fails(preprocessed: Path, synthetic_dataset: Path) -> None:
     result = run_cli("preprocess", synthetic_dataset, "-o", preprocessed, "--configs", "3d_lowres", "--workers", 1)
     assert result.exit_code == 1
-    assert "configuration '3d_lowres' is not planned; planned: 3d_fullres" in result.output
+    assert "configuration '3d_lowres' is not planned; planned: 2d, 3d_fullres" in result.output
 
 
 def test_preprocess_two_channels(nnunet_dataset_2ch: Path, tmp_path: Path) -> None:
@@ -304,6 +304,24 @@ def test_separate_axis() -> None:
     assert separate_axis([1.0, 1.0, 1.0], [1.0, 3.5, 1.0]) == 1  # the target's anisotropy counts too
     assert separate_axis([1.0, 1.0, 2.9], [1.0, 1.0, 2.9]) is None
     assert separate_axis([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]) is None
+    # nnU-Net: two axes sharing the coarsest spacing -> no separate axis (e.g. (0.24, 1.25, 1.25))
+    assert separate_axis([0.24, 1.25, 1.25], [0.24, 1.25, 1.25]) is None
+    # the plans' threshold decides: 2.9 / 1.0 is anisotropic at 2.5, not at 3
+    assert separate_axis([1.0, 1.0, 2.9], [1.0, 1.0, 2.9], threshold=2.5) == 2
+
+
+def test_resampling_uses_the_plans_threshold() -> None:
+    """A plans threshold of 2.0 resamples 1 x 1 x 2.5 mm data with the z axis on its own (order 0):
+    every output slice then equals one input slice's in-plane resampling, which a joint 3D spline
+    (threshold 3) does not give."""
+    image = np.random.default_rng(0).normal(size=(1, 16, 16, 8)).astype(np.float32)
+    joint = resample_image(image, [1.0, 1.0, 2.5], [1.0, 1.0, 1.25])
+    separate = resample_image(image, [1.0, 1.0, 2.5], [1.0, 1.0, 1.25], threshold=2.0)
+    assert separate.shape == joint.shape == (1, 16, 16, 16)
+    # order 0 along z on the pixel-edge grid: output slice k takes input slice floor(k / 2)
+    for k in range(16):
+        np.testing.assert_allclose(separate[0, :, :, k], image[0, :, :, k // 2], atol=1e-5)
+    assert not np.allclose(joint[0, :, :, 1], image[0, :, :, 0], atol=1e-3)
 
 
 def test_anisotropic_axis_resampled_with_nearest_neighbour() -> None:
