@@ -337,14 +337,15 @@ def predict(
 @click.argument("gt_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="summary.json path.")
 @click.option("--labels", default=None, help="Comma-separated label values (default: all in the references).")
-def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | None) -> None:
+@click.option("--ignore", "ignore_label", type=int, default=None, help="Reference value that counts for no label.")
+def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | None, ignore_label: int | None) -> None:
     """Dice and HD95 (mm) per label and case of a prediction folder against references."""
     from segpipe.data.nifti import InputError
     from segpipe.evaluation.metrics import evaluate_folder, summary_table
 
     try:
         summary = evaluate_folder(
-            pred_dir, gt_dir, _folds(labels) if labels else None, output or pred_dir / "summary.json"
+            pred_dir, gt_dir, _folds(labels) if labels else None, output or pred_dir / "summary.json", ignore_label
         )
     except InputError as exc:
         _fail(exc)
@@ -371,8 +372,10 @@ def ensemble(inputs: tuple[Path, ...], output_dir: Path, work: Path) -> None:
     from segpipe.planning.plans import load_plans
 
     try:
-        labels = load_plans(WorkDir(work).plans).foreground_labels
-        summary = ensemble_folders(list(inputs), output_dir, labels)
+        plans = load_plans(WorkDir(work).plans)
+        summary = ensemble_folders(
+            list(inputs), output_dir, plans.foreground_labels, regions_class_order=plans.regions_class_order
+        )
     except (StageFailed, InputError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     click.echo(f"ensembled {summary['cases']} cases of {len(inputs)} folders into {output_dir}")

@@ -30,7 +30,7 @@ def steps_on_known_batches(work: Path, batches: list[dict], info: distributed.Di
     """A fresh run, then one optimizer step per global batch on this rank's slice of it."""
     run = setup(work, CONFIG, 0, OVERRIDES, device="cpu", dist=info)
     if not dice:
-        run.loss.dice_ce.lambda_dice = 0.0  # cross-entropy alone: a mean over voxels, so DDP's average is exact
+        run.loss.loss.weight_dice = 0.0  # cross-entropy alone: a mean over voxels, so DDP's average is exact
     run.model.train()
     local = run.train_spec.batch_size
     for batch in batches:

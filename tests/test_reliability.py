@@ -36,7 +36,7 @@ from segpipe.core.atomic import read_json, remove_stale_temporaries, write_json
 from segpipe.data.dataset import CaseFiles, read_case
 from segpipe.data.nifti import load_nifti, save_nifti
 from segpipe.inference.manifest import MANIFEST_NAME
-from segpipe.inference.predict import restore_classes, restore_geometry
+from segpipe.inference.predict import restore_geometry, restore_label_map
 from segpipe.inference.sliding_window import choose_accumulation_device
 from segpipe.planning.plans import load_plans
 from segpipe.preprocessing.preprocess import PreprocessedCase, preprocess_case
@@ -576,16 +576,16 @@ def _case_with_crop_and_resampling(tmp_path: Path, model_work: Path) -> Preproce
     return preprocess_case(read_case(case, 1), plans, plans.configuration(CONFIG), case)
 
 
-def test_restore_classes_equals_argmax_of_restored_probabilities(model_work: Path, tmp_path: Path) -> None:
+def test_restore_label_map_equals_argmax_of_restored_probabilities(model_work: Path, tmp_path: Path) -> None:
     pre = _case_with_crop_and_resampling(tmp_path, model_work)
     assert pre.properties.crop_box != [[0, s] for s in pre.properties.original_shape]
     assert pre.properties.shape != [hi - lo for lo, hi in pre.properties.crop_box]  # resampled
     probs = torch.softmax(torch.randn((3, *pre.image.shape[1:]), generator=torch.Generator().manual_seed(0)), 0)
-    expected = restore_geometry(probs, pre).argmax(axis=0)
-    classes = restore_classes(probs, pre)
-    assert classes.dtype == np.uint8 and classes.shape == tuple(pre.properties.original_shape)
-    np.testing.assert_array_equal(classes, expected)
-    assert set(np.unique(classes).tolist()) == {0, 1, 2}
+    expected = np.array([0, 5, 7])[restore_geometry(probs, pre).argmax(axis=0)]
+    seg = restore_label_map(probs, pre, [5, 7])
+    assert seg.dtype == np.uint8 and seg.shape == tuple(pre.properties.original_shape)
+    np.testing.assert_array_equal(seg, expected)
+    assert set(np.unique(seg).tolist()) == {0, 5, 7}
 
 
 # A CT-like volume, large against the interpreter's own memory, predicted with --no-tta --step 1 so it

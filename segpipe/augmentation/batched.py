@@ -127,7 +127,25 @@ def apply_batch(
         dims = [a + 2 for a in axes]
         out[idx] = out[idx].flip(dims)
         label[idx] = label[idx].flip(dims)
-    return out.contiguous(), label.round().to(torch.int8).contiguous()
+    out, label = mask_outside(out, label, n_img)
+    return out.contiguous(), label.round().to(_label_dtype(labels)).contiguous()
+
+
+def mask_outside(images: Tensor, labels: Tensor, num_image_channels: int) -> tuple[Tensor, Tensor]:
+    """Image channels set to 0 where the label marks "outside the non-zero mask" (< 0), that marker then
+    made background: nnU-Net's MaskImageTransform + RemoveLabelTransform(-1, 0), after every other
+    transform (it, too, masks every image channel). Works on one sample or a batch."""
+    outside = labels < 0
+    if not bool(outside.any()):
+        return images, labels
+    images = images.clone()
+    images[..., :num_image_channels, :, :, :] = images[..., :num_image_channels, :, :, :].masked_fill(outside, 0)
+    return images, labels.clamp_min(0)
+
+
+def _label_dtype(labels: Tensor) -> torch.dtype:
+    """Class maps keep their integer dtype (int8, or int16 beyond 127 classes); float input gives int8."""
+    return torch.int8 if labels.is_floating_point() else labels.dtype
 
 
 def _spatial(image: Tensor, seg: Tensor, params: list[AugmentParams], patch: list[int]) -> tuple[Tensor, Tensor]:
@@ -199,11 +217,11 @@ def _intensity(image: Tensor, params: list[AugmentParams]) -> Tensor:
             if zoom is not None:
                 rows[i * n_img + ch] = simulate_lowres(rows[i * n_img + ch], zoom, p.lowres_keep_axis)
 
-    for inverted in (False, True):
-        which = [i for i, p in enumerate(params) if p.gamma is not None and p.gamma_inverted == inverted]
+    for field, inverted in (("inverted_gamma", True), ("gamma", False)):  # the reference's order
+        which = [i for i, p in enumerate(params) if getattr(p, field) is not None]
         if which:
             idx = sample_rows(which)
-            rows[idx] = adjust_gamma(rows[idx], per_row([params[i].gamma for i in which]), inverted)  # type: ignore[arg-type]
+            rows[idx] = adjust_gamma(rows[idx], per_row([getattr(params[i], field) for i in which]), inverted)
     return rows.view(b, n_img, *patch)
 
 

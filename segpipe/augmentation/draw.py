@@ -114,8 +114,8 @@ class AugmentParams:
     brightness: float | None = None
     contrast: float | None = None
     lowres_zoom: list[float | None] = field(default_factory=list)  # per channel
-    gamma: float | None = None
-    gamma_inverted: bool = False
+    inverted_gamma: float | None = None  # gamma on the negated image (nnU-Net's first GammaTransform)
+    gamma: float | None = None  # then plain gamma, drawn independently (its second)
     mirror: list[int] = field(default_factory=list)
     mask: MaskAugmentParams | None = None  # cascade: morphology / component removal of the one-hot channels
     lowres_keep_axis: int | None = None  # low-resolution simulation leaves this axis alone (2d, dummy_2d)
@@ -213,26 +213,31 @@ class Augmenter:
             float(u(*c.blur_sigma)) if blur and rng.random() < 0.5 else None for _ in range(self.num_channels)
         ]
         if rng.random() < c.p_brightness:
-            p.brightness = float(u(*c.brightness_range))
+            p.brightness = bg_contrast_factor(rng, c.brightness_range)
         if rng.random() < c.p_contrast:
-            p.contrast = float(u(*c.contrast_range))
+            p.contrast = bg_contrast_factor(rng, c.contrast_range)
         lowres = rng.random() < c.p_lowres
         p.lowres_zoom = [
             float(u(*c.lowres_zoom)) if lowres and rng.random() < 0.5 else None for _ in range(self.num_channels)
         ]
+        # two independent transforms, as nnU-Net's get_training_transforms: inverted (p 0.1), then plain (p 0.3)
         if rng.random() < c.p_gamma_inverted:
-            p.gamma, p.gamma_inverted = self._gamma(rng), True
-        elif rng.random() < c.p_gamma:
-            p.gamma = self._gamma(rng)
+            p.inverted_gamma = bg_contrast_factor(rng, c.gamma_range)
+        if rng.random() < c.p_gamma:
+            p.gamma = bg_contrast_factor(rng, c.gamma_range)
         p.mirror = [a for a in self.mirror_axes if rng.random() < c.p_mirror]
         if self.num_mask_channels:
             p.mask = draw_mask_params(c.mask, rng, self.num_mask_channels)
         return p
 
-    def _gamma(self, rng: np.random.Generator) -> float:
-        lo, hi = self.config.gamma_range
-        # half the draws below 1, half above, as nnU-Net
-        return float(rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1 else rng.uniform(max(lo, 1.0), hi))
+
+def bg_contrast_factor(rng: np.random.Generator, value_range: tuple[float, float]) -> float:
+    """A factor drawn as batchgeneratorsv2's ``BGContrast`` draws brightness, contrast and gamma
+    (transforms/intensity/contrast.py): half the time U(lo, 1), else U(max(lo, 1), hi)."""
+    lo, hi = value_range
+    if rng.random() < 0.5 and lo < 1:
+        return float(rng.uniform(lo, 1.0))
+    return float(rng.uniform(max(lo, 1.0), hi))
 
 
 def apply(
@@ -240,6 +245,7 @@ def apply(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply drawn parameters. ``image`` ``(C, ...)`` float and ``label`` ``(1, ...)`` are the crops of
     size :func:`source_extent` centred on the patch centre; returns patch-sized tensors."""
+    dtype = torch.int8 if label.is_floating_point() else label.dtype  # the class map's own (int8 / int16)
     if params.spatial:
         affine_kw = dict(
             rotate_params=params.rotation or [0.0, 0.0, 0.0],
@@ -267,12 +273,18 @@ def apply(
     for ch, zoom in enumerate(params.lowres_zoom):
         if zoom is not None:
             image[ch] = simulate_lowres(image[ch], zoom, params.lowres_keep_axis)
+    if params.inverted_gamma is not None:
+        image = adjust_gamma(image, params.inverted_gamma, True)
     if params.gamma is not None:
-        image = adjust_gamma(image, params.gamma, params.gamma_inverted)
+        image = adjust_gamma(image, params.gamma, False)
     if params.mirror:
         dims = [a + 1 for a in params.mirror]
         image, label = image.flip(dims), label.flip(dims)
-    return image.contiguous(), label.round().to(torch.int8).contiguous()
+    outside = label < 0  # nnU-Net's MaskImageTransform: image 0 outside the non-zero mask, then label 0
+    if bool(outside.any()):
+        image = image.masked_fill(outside, 0)
+        label = label.clamp_min(0)
+    return image.contiguous(), label.round().to(dtype).contiguous()
 
 
 def noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:

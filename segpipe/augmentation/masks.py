@@ -42,12 +42,14 @@ Mask = TypeVar("Mask", np.ndarray, torch.Tensor)
 class MaskAugmentationConfig:
     """Probabilities and ranges of the one-hot segmentation augmentation (nnU-Net's cascade)."""
 
+    # nnU-Net's get_training_transforms: p 0.4 and 0.2 per sample, then every label (p_per_label 1) in
+    # random order, each with its own operator and radius
     p_morphology: float = 0.4  # per sample
-    p_morphology_label: float = 0.5  # per foreground label of a selected sample
-    radius_range: tuple[int, int] = (1, 8)  # voxels, integer, both ends included
+    p_morphology_label: float = 1.0  # per foreground label of a selected sample
+    radius_range: tuple[int, int] = (1, 8)  # voxels, integer, both ends included (see the README's differences)
     operations: tuple[str, ...] = OPERATIONS
     p_component_removal: float = 0.2  # per sample
-    p_component_removal_label: float = 0.5  # per foreground label of a selected sample
+    p_component_removal_label: float = 1.0  # per foreground label of a selected sample
     max_component_fraction: float = 0.15  # only components smaller than this fraction of the patch
 
     def __post_init__(self) -> None:
@@ -89,9 +91,9 @@ def draw_mask_params(config: MaskAugmentationConfig, rng: np.random.Generator, n
                 operation = config.operations[int(rng.integers(len(config.operations)))]
                 params.morphology.append((int(channel), operation, int(rng.integers(lo, hi + 1))))
     if rng.random() < config.p_component_removal:
-        for channel in range(num_labels):
+        for channel in rng.permutation(num_labels):
             if rng.random() < config.p_component_removal_label:
-                params.component_removal.append((channel, float(rng.random())))
+                params.component_removal.append((int(channel), float(rng.random())))
     return params
 
 

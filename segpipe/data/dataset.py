@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,17 @@ class Dataset:
     name: str
     layout: str  # "msd" or "nnunetv2"
     channel_names: list[str]
-    labels: dict[str, int]  # name -> value; includes the background (0)
+    labels: dict[str, int]  # name -> value; includes the background (0), never "ignore"
     training: list[CaseFiles] = field(default_factory=list)
     test: list[CaseFiles] = field(default_factory=list)
+    ignore_label: int | None = None  # nnU-Net v2's "ignore": voxels without annotation
+    regions: dict[str, list[int]] | None = None  # region-based training: name -> the label values it unites
+    regions_class_order: list[int] | None = None  # the value each region writes, in this order
+
+    @property
+    def allowed_label_values(self) -> set[int]:
+        """What a label file may contain: the labels and the ignore value."""
+        return set(self.labels.values()) | ({self.ignore_label} if self.ignore_label is not None else set())
 
     @property
     def num_channels(self) -> int:
@@ -68,7 +77,8 @@ class Dataset:
 
 @dataclass
 class CaseData:
-    """One case in memory: image ``(C, X, Y, Z)`` float32, label ``(X, Y, Z)`` uint8 or None."""
+    """One case in memory: image ``(C, X, Y, Z)`` float32, label ``(X, Y, Z)`` uint8 (int32 when a value
+    exceeds 255) or None."""
 
     case_id: str
     image: np.ndarray
@@ -113,22 +123,58 @@ def load_dataset(root: str | Path) -> Dataset:
     return ds
 
 
-def _labels_from_meta(meta: dict, meta_path: Path) -> dict[str, int]:
-    labels = meta["labels"]
-    out: dict[str, int] = {}
+# Label values a label map may hold: uint16 prediction files, int16 class maps (as nnU-Net's int16 storage).
+MAX_LABEL_VALUE = 32767
+
+
+def _labels_from_meta(meta: dict, meta_path: Path) -> dict[str, Any]:
+    """``labels`` (name -> value of every value label files hold), ``ignore_label``, and for
+    region-based datasets ``regions`` (name -> label values) and ``regions_class_order``, from either
+    layout's ``labels``. ``"ignore"`` and regions (lists of values plus a top-level
+    ``regions_class_order``) are nnU-Net v2's (nnunetv2/utilities/label_handling/label_handling.py
+    ``LabelManager``)."""
+    entries = meta["labels"]
+    labels: dict[str, int] = {}
+    regions: dict[str, list[int]] = {}
+    ignore = None
     try:
-        for k, v in labels.items():
-            # MSD: {"0": "background"}; nnU-Net v2: {"background": 0} (regions are not supported)
-            if isinstance(v, str) and k.lstrip("-").isdigit():
-                out[v] = int(k)
-            elif isinstance(v, int):
-                out[k] = v
+        for k, v in entries.items():
+            if isinstance(v, str) and k.lstrip("-").isdigit():  # MSD: {"0": "background"}
+                labels[v] = int(k)
+            elif isinstance(v, int) and k == "ignore":
+                ignore = v
+            elif isinstance(v, int):  # nnU-Net v2: {"background": 0}
+                labels[k] = v
+                regions[k] = [v]
+            elif isinstance(v, list) and v and all(isinstance(x, int) for x in v):
+                regions[k] = sorted(set(v))
             else:
                 raise ValueError(f"label entry {k!r}: {v!r}")
     except (AttributeError, ValueError) as exc:
         raise InputError(meta_path, f"'labels' must map values to names (MSD) or names to values ({exc})") from exc
-    if 0 not in out.values():
-        out["background"] = 0
+    has_regions = any(len(r) > 1 for r in regions.values())
+    for name, values in regions.items():  # every value inside a region is a label value of the files
+        for value in values:
+            if value not in labels.values():
+                labels[f"label_{value}" if len(values) > 1 else name] = value
+    if 0 not in labels.values():
+        labels["background"] = 0
+    values = [*labels.values(), *([ignore] if ignore is not None else [])]
+    bad = [v for v in values if not 0 <= v <= MAX_LABEL_VALUE]
+    if bad:
+        raise InputError(meta_path, f"label value {bad[0]} is outside 0..{MAX_LABEL_VALUE}")
+    if ignore is not None and (ignore == 0 or ignore in labels.values()):
+        raise InputError(meta_path, f"the 'ignore' label {ignore} must differ from the background and every label")
+    out: dict[str, Any] = {"labels": labels, "ignore_label": ignore}
+    if has_regions:
+        regions = {k: r for k, r in regions.items() if r != [0]}
+        order = meta.get("regions_class_order")
+        if not isinstance(order, list) or len(order) != len(regions) or not all(isinstance(x, int) for x in order):
+            raise InputError(
+                meta_path,
+                f"region-based labels need 'regions_class_order': one label value per region ({len(regions)})",
+            )
+        out.update(regions=regions, regions_class_order=order)
     return out
 
 
@@ -160,7 +206,7 @@ def _load_msd(root: Path, meta: dict, meta_path: Path) -> Dataset:
         name=str(meta.get("name", root.name)),
         layout="msd",
         channel_names=_channels(meta["modality"], meta_path, "modality"),
-        labels=_labels_from_meta(meta, meta_path),
+        **_labels_from_meta(meta, meta_path),
         training=training,
         test=test,
     )
@@ -187,7 +233,7 @@ def _load_nnunetv2(root: Path, meta: dict, meta_path: Path) -> Dataset:
         name=str(meta.get("name", root.name)),
         layout="nnunetv2",
         channel_names=channels,
-        labels=_labels_from_meta(meta, meta_path),
+        **_labels_from_meta(meta, meta_path),
         training=training,
         test=test,
     )
@@ -362,13 +408,18 @@ def _check_label(
         problems.append(InputError(lab.path, "label holds non-integer values"))
         return None
     values = set(np.unique(data).astype(int).tolist())
+    out_of_range = sorted(v for v in values if not 0 <= v <= MAX_LABEL_VALUE)
+    if out_of_range:
+        problems.append(InputError(lab.path, f"label value {out_of_range[0]} is outside 0..{MAX_LABEL_VALUE}"))
+        return None
     if allowed is not None and not values <= allowed:
         problems.append(
             InputError(lab.path, f"label values {sorted(values - allowed)} are not declared in dataset.json")
         )
     if len(problems) > n_before:
         return None
-    return data.astype(np.uint8)
+    # never a silent wrap-around: values above 255 (e.g. MM-WHS's 205..850) keep a wider type
+    return data.astype(np.uint8 if max(values, default=0) <= 255 else np.int32)
 
 
 def _affine_close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -381,7 +432,7 @@ def check_dataset(root: str | Path) -> list[InputError]:
         ds = load_dataset(root)
     except InputError as exc:
         return [exc]
-    allowed = set(ds.labels.values())
+    allowed = ds.allowed_label_values
     problems: list[InputError] = []
     if not ds.training:
         problems.append(InputError(Path(ds.root) / "dataset.json", "lists no training cases"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,8 @@ def save_nifti(
     ending = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     with atomic_path(path, suffix=ending) as tmp:
         nib.save(img, str(tmp))
+
+
+def label_file_dtype(labels: Sequence[int]) -> type[np.unsignedinteger]:
+    """uint8 label maps while every value fits (as nnU-Net's export), else uint16 (e.g. MM-WHS's 205..850)."""
+    return np.uint8 if max(labels, default=0) <= 255 else np.uint16

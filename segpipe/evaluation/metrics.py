@@ -31,7 +31,20 @@ EMPTY_POLICY = (
 AFFINE_TOLERANCE = 1e-3  # largest allowed absolute difference between prediction and reference affines
 
 
-def dice(pred: np.ndarray, gt: np.ndarray, label: int) -> float:
+Target = int | Sequence[int]  # a label value, or a region: the label values it unites
+
+
+def target_key(target: Target) -> str:
+    """How an evaluation target is named in summaries and logs: ``"2"`` for a label, ``"1+2"`` for a region."""
+    return "+".join(str(int(v)) for v in target) if isinstance(target, Sequence) else str(int(target))
+
+
+def target_mask(seg: np.ndarray, target: Target) -> np.ndarray:
+    """Voxels of ``seg`` (label values) that belong to a label, or to a region (any of its values)."""
+    return np.isin(seg, list(target)) if isinstance(target, Sequence) else seg == target
+
+
+def dice(pred: np.ndarray, gt: np.ndarray, label: Target) -> float:
     """Dice coefficient ``2|P∩G| / (|P| + |G|)`` of one label.
 
     ``pred`` and ``gt`` are integer label maps of the same shape, ``(X, Y, Z)``; ``P`` and ``G`` are
@@ -39,15 +52,25 @@ def dice(pred: np.ndarray, gt: np.ndarray, label: int) -> float:
     are left out of means) and 0.0 when exactly one is empty.
     """
     pred, gt = _check_pair(pred, gt)
-    p = pred == label
-    g = gt == label
+    p = target_mask(pred, label)
+    g = target_mask(gt, label)
     total = int(np.count_nonzero(p)) + int(np.count_nonzero(g))
     if total == 0:
         return float("nan")
     return 2.0 * int(np.count_nonzero(p & g)) / total
 
 
-def hd95(pred: np.ndarray, gt: np.ndarray, label: int, spacing: Sequence[float]) -> float:
+def mask_ignored(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` and ``gt`` with the reference's ``ignore`` voxels set to background in both, so they
+    count in no label's true/false positives or negatives (nnU-Net's ``compute_metrics``, which takes
+    TP/FP/FN only where the reference is not ``ignore``); unchanged when ``ignore_label`` is None."""
+    if ignore_label is None:
+        return pred, gt
+    ignored = gt == ignore_label
+    return np.where(ignored, 0, pred), np.where(ignored, 0, gt)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, label: Target, spacing: Sequence[float]) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between the surfaces of one label.
 
     ``pred`` and ``gt`` are integer label maps ``(X, Y, Z)`` of the same shape; ``spacing`` is the
@@ -68,8 +91,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, label: int, spacing: Sequence[float])
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values for a {pred.ndim}D array")
-    p = pred == label
-    g = gt == label
+    p = target_mask(pred, label)
+    g = target_mask(gt, label)
     p_any, g_any = bool(p.any()), bool(g.any())
     if not p_any and not g_any:
         return float("nan")
@@ -94,25 +117,31 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(math.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
 
-def evaluate_case(pred_path: str | os.PathLike, gt_path: str | os.PathLike, labels: Sequence[int]) -> dict[str, Any]:
+def evaluate_case(
+    pred_path: str | os.PathLike, gt_path: str | os.PathLike, labels: Sequence[Target], ignore_label: int | None = None
+) -> dict[str, Any]:
     """Dice and HD95 (mm) of each label for one prediction file against its reference file.
 
     Both files are label maps ``(X, Y, Z)``; they must have the same shape and affines equal within
     ``1e-3``, else :class:`InputError` naming the prediction file is raised. The spacing comes from
     the reference's affine. Returns ``{"case": id, "dice": {"1": ..}, "hd95": {"1": ..}}`` where
-    ``id`` is the prediction's file name without ``.nii``/``.nii.gz``.
+    ``id`` is the prediction's file name without ``.nii``/``.nii.gz``. Voxels where the reference is
+    ``ignore_label`` count for no label (:func:`mask_ignored`).
     """
     pred_path, gt_path = Path(pred_path), Path(gt_path)
     pred, pred_affine = _load_labels(pred_path)
     gt, gt_affine = _load_labels(gt_path)
+    if pred.shape == gt.shape:
+        pred, gt = mask_ignored(pred, gt, ignore_label)
     return _evaluate_arrays(pred_path, gt_path, pred, pred_affine, gt, gt_affine, _label_list(labels))
 
 
 def evaluate_folder(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
-    labels: Sequence[int] | None = None,
+    labels: Sequence[Target] | None = None,
     output: str | os.PathLike | None = None,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every NIfTI prediction in ``pred_dir`` against the same-named file in ``gt_dir``.
 
@@ -138,16 +167,16 @@ def evaluate_folder(
         found: set[int] = set()
         for _, gt_path in pairs:
             gt, _ = _load_labels(gt_path)
-            found.update(int(v) for v in np.unique(gt) if v != 0)
+            found.update(int(v) for v in np.unique(gt) if v not in (0, ignore_label))
         label_list = sorted(found)
     else:
         label_list = _label_list(labels)
 
-    per_case = [evaluate_case(p, g, label_list) for p, g in pairs]
+    per_case = [evaluate_case(p, g, label_list, ignore_label) for p, g in pairs]
     mean: dict[str, dict[str, float]] = {"dice": {}, "hd95": {}}
     for metric in ("dice", "hd95"):
         for label in label_list:
-            key = str(label)
+            key = target_key(label)
             mean[metric][key] = _nanmean([case[metric][key] for case in per_case])
     summary: dict[str, Any] = {
         "labels": label_list,
@@ -156,6 +185,7 @@ def evaluate_folder(
         "mean_dice": _nanmean(list(mean["dice"].values())),
         "num_cases": len(per_case),
         "empty_policy": EMPTY_POLICY,
+        "ignore_label": ignore_label,
     }
     if output is not None:
         write_json(output, summary)
@@ -170,7 +200,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     """
     rows = [("label", "mean Dice", "mean HD95 (mm)")]
     for label in summary["labels"]:
-        key = str(label)
+        key = target_key(label)
         rows.append((key, _fmt(summary["mean"]["dice"].get(key)), _fmt(summary["mean"]["hd95"].get(key))))
     rows.append(("all", _fmt(summary.get("mean_dice")), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -196,8 +226,13 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pred, gt
 
 
-def _label_list(labels: Sequence[int]) -> list[int]:
-    return list(dict.fromkeys(int(label) for label in labels))  # ints, duplicates dropped, order kept
+def _label_list(labels: Sequence[Target]) -> list[int | list[int]]:
+    """Labels as ints and regions as lists of ints, duplicates dropped, order kept."""
+    out: dict[str, int | list[int]] = {}
+    for label in labels:
+        value = [int(v) for v in label] if isinstance(label, Sequence) else int(label)
+        out.setdefault(target_key(value), value)
+    return list(out.values())
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -243,8 +278,8 @@ def _evaluate_arrays(
     spacing = spacing_from_affine(gt_affine)
     return {
         "case": strip_nifti_ending(pred_path.name),
-        "dice": {str(label): dice(pred, gt, label) for label in labels},
-        "hd95": {str(label): hd95(pred, gt, label, spacing) for label in labels},
+        "dice": {target_key(label): dice(pred, gt, label) for label in labels},
+        "hd95": {target_key(label): hd95(pred, gt, label, spacing) for label in labels},
     }
 
 

@@ -20,12 +20,17 @@ from segpipe.core.atomic import read_json, write_json
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.data.nifti import InputError, strip_nifti_ending
-from segpipe.evaluation.metrics import dice, load_label_map
+from segpipe.evaluation.metrics import dice, load_label_map, mask_ignored, target_key
 from segpipe.inference.postprocessing import keep_largest_component
 from segpipe.planning.plans import load_plans
 
 
-def decide_postprocessing(pred_dirs: list[Path], gt_paths: dict[str, Path], labels: list[int]) -> dict[str, Any]:
+def decide_postprocessing(
+    pred_dirs: list[Path],
+    gt_paths: dict[str, Path],
+    labels: Sequence[int | list[int]],
+    ignore_label: int | None = None,
+) -> dict[str, Any]:
     """Decide, on out-of-fold predictions, which largest-component steps raise Dice.
 
     ``pred_dirs`` hold ``CASE.nii.gz`` predictions (e.g. every fold's ``validation/``); ``gt_paths``
@@ -34,41 +39,47 @@ def decide_postprocessing(pred_dirs: list[Path], gt_paths: dict[str, Path], labe
     keep the largest foreground component when the mean Dice over labels rises strictly and no
     label's Dice falls; then, on top of that result, keep the largest component of a label when that
     label's Dice rises strictly. Each case is read once; removing components of one label does not
-    change the Dice of another, so every variant is scored in that single pass.
+    change the Dice of another, so every variant is scored in that single pass. The reference's
+    ``ignore_label`` voxels count for no label.
     """
-    labels = [int(v) for v in labels]
+    targets = {target_key(t): t for t in labels}  # labels, or regions (lists of label values)
+    keys = list(targets)
     files = _prediction_files(pred_dirs, gt_paths)
-    scores: dict[str, dict[int, list[float]]] = {k: {v: [] for v in labels} for k in ("raw", "fg", "raw_l", "fg_l")}
+    scores: dict[str, dict[str, list[float]]] = {k: {v: [] for v in keys} for k in ("raw", "fg", "raw_l", "fg_l")}
     for case, pred_path in files.items():
         pred, _ = load_label_map(pred_path)
         gt, _ = load_label_map(gt_paths[case])
         if pred.shape != gt.shape:
             raise InputError(pred_path, f"shape {pred.shape} differs from reference {gt_paths[case]} shape {gt.shape}")
         fg = keep_largest_component(pred, None)
-        for label in labels:
-            scores["raw"][label].append(dice(pred, gt, label))
-            scores["fg"][label].append(dice(fg, gt, label))
-            scores["raw_l"][label].append(dice(keep_largest_component(pred, [label]), gt, label))
-            scores["fg_l"][label].append(dice(keep_largest_component(fg, [label]), gt, label))
+
+        def score(seg: np.ndarray, target: int | list[int]) -> float:
+            return dice(*mask_ignored(seg, gt, ignore_label), target)  # noqa: B023 - used at once, in this pass
+
+        for key, target in targets.items():
+            scores["raw"][key].append(score(pred, target))
+            scores["fg"][key].append(score(fg, target))
+            scores["raw_l"][key].append(score(keep_largest_component(pred, [target]), target))
+            scores["fg_l"][key].append(score(keep_largest_component(fg, [target]), target))
     mean = {k: {v: _nanmean(s) for v, s in per_label.items()} for k, per_label in scores.items()}
 
     before = mean["raw"]
     use_fg = _nanmean(list(mean["fg"].values())) > _nanmean(list(before.values())) and not any(
-        _worse(mean["fg"][v], before[v]) for v in labels
+        _worse(mean["fg"][v], before[v]) for v in keys
     )
     current = dict(mean["fg"] if use_fg else before)
     candidate = mean["fg_l" if use_fg else "raw_l"]
-    per_label = [v for v in labels if _better(candidate[v], current[v])]
-    after = {v: candidate[v] if v in per_label else current[v] for v in labels}
+    chosen = [v for v in keys if _better(candidate[v], current[v])]
+    after = {v: candidate[v] if v in chosen else current[v] for v in keys}
     return {
         "foreground_largest_component": bool(use_fg),
-        "per_label_largest_component": per_label,
-        "dice_before": {str(v): before[v] for v in labels},
-        "dice_after": {str(v): after[v] for v in labels},
+        "per_label_largest_component": [targets[v] for v in chosen],
+        "dice_before": dict(before),
+        "dice_after": after,
         "mean_dice_before": _nanmean(list(before.values())),
         "mean_dice_after": _nanmean(list(after.values())),
         "num_cases": len(files),
-        "connectivity": "faces (6 neighbours)",
+        "connectivity": "full (26 neighbours)",
     }
 
 
@@ -84,7 +95,7 @@ def run_postprocessing_decision(work: Path, config: str) -> dict[str, Any]:
     if not folds:
         raise FileNotFoundError(f"{wd.root / config}: no fold_<k>/validation/ folder; train (with validation) first")
     pred_dirs = [wd.run(config, k) / "validation" for k in folds]
-    decision = decide_postprocessing(pred_dirs, gt_paths, plans.foreground_labels)
+    decision = decide_postprocessing(pred_dirs, gt_paths, plans.evaluation_targets, plans.ignore_label)
     decision["folds"] = folds
     write_json(wd.postprocessing(config), decision)
     return decision
@@ -95,7 +106,7 @@ def describe_decision(decision: dict[str, Any]) -> str:
     per_label = decision["per_label_largest_component"]
     lines = [
         f"largest foreground component: {'yes' if decision['foreground_largest_component'] else 'no'}",
-        f"largest component per label: {', '.join(map(str, per_label)) if per_label else 'none'}",
+        f"largest component per label: {', '.join(map(target_key, per_label)) if per_label else 'none'}",
     ]
     for key, value in decision["dice_before"].items():
         lines.append(f"label {key}: Dice {_fmt(value)} -> {_fmt(decision['dice_after'][key])}")

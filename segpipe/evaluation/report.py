@@ -29,9 +29,10 @@ from segpipe.core.paths import VALIDATION_FOLDERS as CANDIDATE_FOLDERS
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.data.nifti import InputError
-from segpipe.evaluation.metrics import AFFINE_TOLERANCE, dice, load_label_map
+from segpipe.evaluation.metrics import AFFINE_TOLERANCE, dice, load_label_map, mask_ignored, target_key
+from segpipe.inference.decode import label_map
 from segpipe.inference.postprocessing import load_decision
-from segpipe.planning.plans import load_plans
+from segpipe.planning.plans import Plans, load_plans
 from segpipe.runs.runlog import read_rows
 
 KIND_ORDER = {"final": 0, "swa": 1, "snapshots": 2, "ensemble": 3}  # simpler first: wins ties
@@ -51,7 +52,7 @@ class Candidate:
     def members(self, wd: WorkDir, folds: Sequence[int]) -> list[str]:
         return [str(wd.run(c, k) / self.folder) for c in self.configs for k in folds]
 
-    def label_map(self, wd: WorkDir, fold: int, case: str, values: np.ndarray, grid: tuple) -> np.ndarray:
+    def label_map(self, wd: WorkDir, fold: int, case: str, plans: Plans, grid: tuple) -> np.ndarray:
         """The case's label map ``(X, Y, Z)``; ``grid`` is the reference's ``(shape, affine)``."""
         if self.kind != "ensemble":
             path = wd.run(self.configs[0], fold) / self.folder / f"{case}.nii.gz"
@@ -68,7 +69,7 @@ class Candidate:
             total = p if total is None else total + p
         assert total is not None
         _check_grid(path, total.shape[1:], None, grid)
-        return values[total.argmax(axis=0)]
+        return label_map(total, plans.foreground_labels, plans.regions_class_order)
 
 
 def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
 
     wd = WorkDir(work)
     plans = load_plans(wd.plans)
-    labels = plans.foreground_labels
+    labels = plans.evaluation_targets
     splits = read_json(wd.splits)
     dataset = Dataset.from_dict(read_json(wd.dataset))
     gt = {c.case_id: Path(c.label) for c in dataset.training if c.label}
@@ -100,7 +101,7 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
         raise InputError(wd.dataset, f"no reference label for validation cases {missing[:5]}")
 
     candidates, skipped = _candidates(wd, configs, folds, splits)
-    per_case = _score(wd, candidates, cases, gt, labels)
+    per_case = _score(wd, candidates, cases, gt, plans)
     rows = [_summarize(c, per_case[c.name], labels, wd, folds) for c in candidates]
     best = recommend(rows)
     best_case_means = [r["mean_dice"] for r in per_case[best]]
@@ -114,7 +115,7 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
     report: dict[str, Any] = {
         "work": str(wd.root),
         "configs": configs,
-        "labels": {name: v for name, v in plans.labels.items() if v != 0},
+        "labels": _target_names(plans),
         "num_folds": len(splits),
         "folds_used": folds,
         "num_cases": len(cases),
@@ -127,7 +128,9 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
         "notes": _notes(folds, len(splits), len(cases)),
         "per_case": per_case,
         "plots": {  # file names inside WORK/report/
-            "candidates": Path(plot_candidates(rows, labels, out / "dice_per_candidate.png")).name,
+            "candidates": Path(
+                plot_candidates(rows, [target_key(t) for t in labels], out / "dice_per_candidate.png")
+            ).name,
             **{
                 f"curves_{c}": Path(plot_curves(c, logs, out / f"curves_{c}.png")).name
                 for c, logs in curves.items()
@@ -224,22 +227,31 @@ def _candidates(
 
 
 def _score(
-    wd: WorkDir, candidates: list[Candidate], cases: list[tuple[str, int]], gt: dict[str, Path], labels: list[int]
+    wd: WorkDir, candidates: list[Candidate], cases: list[tuple[str, int]], gt: dict[str, Path], plans: Plans
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per candidate, per case: Dice of each label and their mean (NaN labels left out)."""
-    values = np.array([0, *labels], dtype=np.uint8)
+    """Per candidate, per case: Dice of each label (or region) and their mean (NaN labels left out; the
+    reference's ``ignore`` voxels count for none)."""
+    targets = plans.evaluation_targets
     out: dict[str, list[dict[str, Any]]] = {c.name: [] for c in candidates}
     for case, fold in cases:
         ref, affine = load_label_map(gt[case])
         for cand in candidates:
-            seg = cand.label_map(wd, fold, case, values, (ref.shape, affine))
-            scores = {str(v): dice(seg, ref, v) for v in labels}
+            seg = cand.label_map(wd, fold, case, plans, (ref.shape, affine))
+            seg, masked_ref = mask_ignored(seg, ref, plans.ignore_label)
+            scores = {target_key(t): dice(seg, masked_ref, t) for t in targets}
             out[cand.name].append({"case": case, "fold": fold, "dice": scores, "mean_dice": _nanmean(scores.values())})
     return out
 
 
-def _summarize(cand: Candidate, cases: list[dict[str, Any]], labels: list[int], wd: WorkDir, folds: list[int]) -> dict:
-    per_label = {str(v): _nanmean([c["dice"][str(v)] for c in cases]) for v in labels}
+def _target_names(plans: Plans) -> dict[str, int | str]:
+    """Display name -> key of every evaluation target: label values, or regions (``"1+2"``)."""
+    if plans.regions and plans.region_names:
+        return {name: target_key(r) for name, r in zip(plans.region_names, plans.regions)}
+    return {name: v for name, v in plans.labels.items() if v != 0}
+
+
+def _summarize(cand: Candidate, cases: list[dict[str, Any]], labels: list, wd: WorkDir, folds: list[int]) -> dict:
+    per_label = {target_key(v): _nanmean([c["dice"][target_key(v)] for c in cases]) for v in labels}
     return {
         "name": cand.name,
         "kind": cand.kind,

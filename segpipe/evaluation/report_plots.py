@@ -30,7 +30,7 @@ def _save(fig: Any, path: Path) -> str:
     return str(path)
 
 
-def plot_candidates(rows: list[dict[str, Any]], labels: list[int], path: Path) -> str:
+def plot_candidates(rows: list[dict[str, Any]], labels: list[int | str], path: Path) -> str:
     """Grouped bars: per candidate, the mean Dice of each label and over labels. Returns the path."""
     plt = _pyplot()
     keys = [str(v) for v in labels]

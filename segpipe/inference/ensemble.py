@@ -19,7 +19,8 @@ from torch import nn
 from segpipe.core.atomic import save_npz
 from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
-from segpipe.data.nifti import InputError, load_nifti, save_nifti
+from segpipe.data.nifti import InputError, label_file_dtype, load_nifti, save_nifti
+from segpipe.inference.decode import label_map
 from segpipe.planning.plans import Configuration, Plans
 from segpipe.runs.checkpoint import FINAL, load_model, mirror_axes_of
 from segpipe.runs.snapshots import SWA_FILE, list_snapshots
@@ -81,7 +82,13 @@ def inference_mirror_axes(work: Path, config_name: str, members: Members) -> tup
     return mirror_axes_of(member_paths(work, config_name, members)[0])
 
 
-def ensemble_folders(inputs: list[Path], output: Path, labels: list[int], reference_dir: Path | None = None) -> dict:
+def ensemble_folders(
+    inputs: list[Path],
+    output: Path,
+    labels: list[int],
+    reference_dir: Path | None = None,
+    regions_class_order: list[int] | None = None,
+) -> dict:
     """Average the ``CASE.npz`` probabilities ``(C, X, Y, Z)`` of several prediction folders case by
     case and write ``CASE.npz`` (the float16 mean) and ``CASE.nii.gz`` (its argmax as label values,
     ``labels`` being the foreground values in ascending order; geometry from ``CASE.nii.gz`` of
@@ -103,14 +110,15 @@ def ensemble_folders(inputs: list[Path], output: Path, labels: list[int], refere
         raise InputError(
             inputs[0], "no case has probabilities (.npz) in every folder; predict with --save-probabilities"
         )
-    values = np.array([0, *sorted(labels)], dtype=np.uint8)
+    dtype = label_file_dtype([*labels, *(regions_class_order or [])])
+    channels = len(regions_class_order) if regions_class_order else len(labels) + 1
     for case in common:
         total = None
         for folder in inputs:
             with np.load(Path(folder) / f"{case}.npz") as f:
                 p = f["probabilities"].astype(np.float32)
-            if p.shape[0] != len(values):
-                problems[case] = f"{p.shape[0]} probability channels in {folder}, expected {len(values)}"
+            if p.shape[0] != channels:
+                problems[case] = f"{p.shape[0]} probability channels in {folder}, expected {channels}"
                 break
             if total is not None and p.shape != total.shape:
                 problems[case] = f"probability shapes differ ({folder})"
@@ -120,7 +128,7 @@ def ensemble_folders(inputs: list[Path], output: Path, labels: list[int], refere
             continue
         mean = total / len(inputs)
         try:
-            ref = load_nifti(Path(reference_dir or inputs[0]) / f"{case}.nii.gz", dtype=np.uint8)
+            ref = load_nifti(Path(reference_dir or inputs[0]) / f"{case}.nii.gz", dtype=dtype)
         except InputError as exc:
             problems[case] = str(exc)
             continue
@@ -128,7 +136,8 @@ def ensemble_folders(inputs: list[Path], output: Path, labels: list[int], refere
             problems[case] = f"probabilities {mean.shape[1:]} do not match the reference grid {ref.data.shape[:3]}"
             continue
         save_npz(output / f"{case}.npz", probabilities=mean.astype(np.float16))
-        save_nifti(output / f"{case}.nii.gz", values[mean.argmax(0)], ref.affine, ref.header, np.uint8)
+        seg = label_map(mean, sorted(labels), regions_class_order)
+        save_nifti(output / f"{case}.nii.gz", seg, ref.affine, ref.header, dtype)
     if problems:
         raise StageFailed("ensemble", problems)
     return {"cases": len(common), "members": [str(p) for p in inputs], "output": str(output)}

@@ -35,6 +35,7 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
+from segpipe.inference.decode import label_map
 from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
 from segpipe.inference.postprocessing import apply_postprocessing, load_decision
@@ -91,36 +92,30 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def restore_geometry(probs: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
-    """Probabilities at the configuration's spacing -> ``(C, X, Y, Z)`` in the original image grid."""
+def restore_geometry(probs: torch.Tensor, pre: PreprocessedCase, softmax: bool = True) -> np.ndarray:
+    """Probabilities at the configuration's spacing -> ``(C, X, Y, Z)`` in the original image grid
+    (outside the non-zero box: background, i.e. class 0 for softmax outputs, no region for sigmoid ones)."""
     props = pre.properties
     box = props.crop_box
     cropped = resample_probabilities(probs, [hi - lo for lo, hi in box]).cpu().numpy()
     full = np.zeros((probs.shape[0], *props.original_shape), dtype=np.float32)
-    full[0] = 1.0  # outside the non-zero box: background
+    if softmax:
+        full[0] = 1.0
     full[(slice(None), *[slice(lo, hi) for lo, hi in box])] = cropped
     return full
 
 
-def restore_classes(probs: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
-    """Probabilities at the configuration's spacing -> ``(X, Y, Z)`` uint8 class indices in the original
-    grid; equals ``restore_geometry(probs, pre).argmax(0)`` without the full-size probabilities."""
+def restore_label_map(
+    probs: torch.Tensor, pre: PreprocessedCase, labels: list[int], regions_class_order: list[int] | None = None
+) -> np.ndarray:
+    """Probabilities at the configuration's spacing -> ``(X, Y, Z)`` label values in the original grid;
+    equals ``label_map(restore_geometry(probs, pre))`` without the full-size probabilities."""
     props = pre.properties
     box = props.crop_box
-    classes = np.zeros(props.original_shape, dtype=np.uint8)  # outside the non-zero box: background
-    classes[tuple(slice(lo, hi) for lo, hi in box)] = argmax_classes(
-        resample_probabilities(probs, [hi - lo for lo, hi in box])
-    )
-    return classes
-
-
-def argmax_classes(probs: torch.Tensor | np.ndarray, slab: int = 16) -> np.ndarray:
-    """Argmax over the class axis of ``(C, X, Y, Z)`` as uint8, a slab of X at a time (no int64 volume)."""
-    probs = torch.as_tensor(probs)
-    out = np.empty(probs.shape[1:], dtype=np.uint8)
-    for i in range(0, probs.shape[1], slab):
-        out[i : i + slab] = probs[:, i : i + slab].argmax(dim=0).to(torch.uint8).cpu().numpy()
-    return out
+    inside = label_map(resample_probabilities(probs, [hi - lo for lo, hi in box]), labels, regions_class_order)
+    seg = np.zeros(props.original_shape, dtype=inside.dtype)  # outside the non-zero box: background
+    seg[tuple(slice(lo, hi) for lo, hi in box)] = inside
+    return seg
 
 
 def average_probabilities(
@@ -148,6 +143,7 @@ def average_probabilities(
             batch_windows=options.batch_windows,
             accumulate_on=accumulate_on,
             amp_dtype=amp_dtype_for(device),
+            sigmoid=plans.regions is not None,
         )
         with torch.inference_mode():  # p is an inference tensor: sum it in place inside that mode
             if total is None:
@@ -184,7 +180,8 @@ def predict_case_probabilities(
     device: torch.device,
 ) -> np.ndarray:
     """Average the models' softmax over windows and mirrors; return it in the original geometry."""
-    return restore_geometry(average_probabilities(models, pre, plans, config, options, device), pre)
+    probs = average_probabilities(models, pre, plans, config, options, device)
+    return restore_geometry(probs, pre, softmax=plans.regions is None)
 
 
 def write_prediction(
@@ -194,24 +191,22 @@ def write_prediction(
     labels: list[int],
     save_probs: bool,
     postprocessing: dict | None = None,
+    regions_class_order: list[int] | None = None,
 ) -> None:
-    """Argmax of ``probs`` ``(C, X, Y, Z)`` to label values, apply the ``postprocessing`` decision (if
-    any) to the label map, and write NIfTI in the input geometry (and the raw probabilities if asked)."""
+    """``probs`` ``(C, X, Y, Z)`` to label values (:func:`segpipe.inference.decode.label_map`), apply the
+    ``postprocessing`` decision (if any) to the label map, and write NIfTI in the input geometry (and
+    the raw probabilities if asked)."""
     if save_probs:
         save_npz(out_dir / f"{data.case_id}.npz", probabilities=probs.astype(np.float16))
-    write_segmentation(out_dir, data, argmax_classes(probs), labels, postprocessing)
+    write_segmentation(out_dir, data, label_map(probs, labels, regions_class_order), postprocessing)
 
 
-def write_segmentation(
-    out_dir: Path, data: CaseData, classes: np.ndarray, labels: list[int], postprocessing: dict | None = None
-) -> None:
-    """Class indices ``(X, Y, Z)`` to label values (+ postprocessing), written as uint8 NIfTI in the
-    input geometry."""
-    values = np.array([0, *labels], dtype=np.uint8)
-    seg = values[classes]
+def write_segmentation(out_dir: Path, data: CaseData, seg: np.ndarray, postprocessing: dict | None = None) -> None:
+    """A label map ``(X, Y, Z)`` (+ postprocessing) written as NIfTI in the input geometry, in its own
+    dtype (uint8, or uint16 for label values above 255)."""
     if postprocessing:
         seg = apply_postprocessing(seg, postprocessing)
-    save_nifti(out_dir / f"{data.case_id}.nii.gz", seg, data.reference.affine, data.reference.header, np.uint8)
+    save_nifti(out_dir / f"{data.case_id}.nii.gz", seg, data.reference.affine, data.reference.header, seg.dtype)
 
 
 def output_files(out_dir: Path, case_id: str) -> list[Path]:
@@ -327,14 +322,15 @@ def predict_folder(
             accumulate_on = choose_accumulation_device(need, dev, limit)
             probs = average_probabilities(models, pre, plans, config, options, dev, accumulate_on)
             where = str(output_files(output_dir, case.case_id)[0])
+            order = plans.regions_class_order
             if options.save_probabilities:
-                full = restore_geometry(probs, pre)
+                full = restore_geometry(probs, pre, softmax=order is None)
                 del probs
-                write_prediction(output_dir, data, full, plans.foreground_labels, True, decision)
+                write_prediction(output_dir, data, full, plans.foreground_labels, True, decision, order)
             else:
-                classes = restore_classes(probs, pre)
+                seg = restore_label_map(probs, pre, plans.foreground_labels, order)
                 del probs
-                write_segmentation(output_dir, data, classes, plans.foreground_labels, decision)
+                write_segmentation(output_dir, data, seg, decision)
             manifest.record(case.case_id, identity)
             return None
         except InputError as exc:

@@ -127,8 +127,10 @@ def predict_probabilities(
     batch_windows: int = 1,
     accumulate_on: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities ``(num_classes, X, Y, Z)`` of ``image`` ``(C, X, Y, Z)``.
+    """Softmax probabilities ``(num_classes, X, Y, Z)`` of ``image`` ``(C, X, Y, Z)`` (``sigmoid``: one
+    independent probability per output channel, for regions).
 
     ``batch_windows`` windows, each in every mirroring, go through the network in one batch; the
     softmax of each mirroring is un-mirrored, averaged and added with Gaussian weight, and the sum is
@@ -155,7 +157,8 @@ def predict_probabilities(
         xin = torch.cat([x.flip([a + 2 for a in axes]) if axes else x for axes in mirrors])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(xin)
-        p = torch.softmax(logits.float(), dim=1).split(len(chunk))
+        # softmax over classes, or one sigmoid per region (region-based training)
+        p = (torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=1)).split(len(chunk))
         summed = sum(pm.flip([a + 2 for a in axes]) if axes else pm for axes, pm in zip(mirrors, p))
         summed = summed * window_weight
         for w, s in zip(chunk, summed):

@@ -16,12 +16,28 @@ from torch import nn
 from segpipe.planning.plans import Configuration
 
 
+class NativeHeadsDynUNet(DynUNet):
+    """MONAI's DynUNet whose deep-supervision heads stay at their own resolution.
+
+    In training with deep supervision the output is a tuple of logits, full resolution first, each
+    head at its decoder level's size: nnU-Net's way (the targets are downsampled, see
+    :mod:`segpipe.training.losses`), instead of MONAI's stack of heads upsampled to full size, which
+    stores ``heads x classes`` full-size tensors (and their softmax and gradients) per batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.output_block(self.skip_layers(x))
+        if self.training and self.deep_supervision:
+            return (out, *self.heads)
+        return out
+
+
 class SliceNetwork(nn.Module):
     """A 2D network applied to every slice of a 3D tensor along ``axis`` (0, 1 or 2 of X, Y, Z).
 
     ``(B, C, X, Y, Z)`` in; the slices along ``axis`` are folded into the batch, so a patch of one slice
     (nnU-Net's 2d patch) and a stack of slices both work. Output ``(B, C', X, Y, Z)``, or with deep
-    supervision ``(B, H, C', X, Y, Z)``, as the 3D DynUNet returns.
+    supervision a tuple of such heads, as the 3D network returns.
     """
 
     def __init__(self, net: nn.Module, axis: int):
@@ -29,13 +45,16 @@ class SliceNetwork(nn.Module):
         self.net = net
         self.axis = axis
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         b, c = x.shape[:2]
         moved = x.movedim(2 + self.axis, 1)  # (B, S, C, a, b)
         s = moved.shape[1]
-        out = self.net(moved.reshape(b * s, c, *moved.shape[3:]))  # (B*S, [H,] C', a, b)
-        out = out.reshape(b, s, *out.shape[1:])
-        return out.movedim(1, out.dim() - 3 + self.axis)
+        out = self.net(moved.reshape(b * s, c, *moved.shape[3:]))  # (B*S, C', a, b), or a tuple of heads
+
+        def unfold(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, s, *t.shape[1:]).movedim(1, 2 + self.axis)
+
+        return tuple(unfold(t) for t in out) if isinstance(out, tuple) else unfold(out)
 
 
 def build_network(
@@ -48,17 +67,19 @@ def build_network(
     """A U-Net with per-stage kernels/strides/features from ``config.topology``.
 
     Instance norm (affine), leaky ReLU (0.01), two convolutions per stage as nnU-Net. In training
-    mode with deep supervision the output is ``(B, 1 + D, num_classes, X, Y, Z)``: the full-resolution
-    head first, then ``D`` lower decoder heads upsampled to full size; in eval mode ``(B, C, X, Y, Z)``.
+    mode with deep supervision the output is a tuple: the full-resolution logits ``(B, C, X, Y, Z)``
+    first, then every decoder level but the lowest at its own size (nnU-Net's ``_build_loss`` gives
+    that lowest level weight 0, so it is not built); in eval mode ``(B, C, X, Y, Z)``.
     A 2d configuration (``slice_axis`` set) gives a 2D DynUNet in a :class:`SliceNetwork`.
     """
     topo = config.topology
-    num_ds = max(1, topo.num_stages - 2) if deep_supervision and topo.num_stages > 2 else 0
+    # decoder levels below full resolution: num_stages - 2; the lowest of them has weight 0 in nnU-Net
+    num_ds = topo.num_stages - 3 if deep_supervision else 0
     kernels, strides = topo.kernel_sizes, topo.strides
     if config.is_2d:  # drop the sliced axis: a 2D network on the other two
         kernels = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in kernels]
         strides = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in strides]
-    net = DynUNet(
+    net = NativeHeadsDynUNet(
         spatial_dims=2 if config.is_2d else 3,
         in_channels=in_channels + extra_in_channels,
         out_channels=num_classes,

@@ -68,15 +68,17 @@ def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
     return box
 
 
-def _case_fingerprint(args: tuple[CaseFiles, int, list[int], int]) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    case, num_channels, labels, seed = args
-    data = read_case(case, num_channels, set(labels) | {0})
+def _case_fingerprint(
+    args: tuple[CaseFiles, int, list[int], set[int], int],
+) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    case, num_channels, labels, allowed, seed = args
+    data = read_case(case, num_channels, allowed)
     assert data.label is not None
     box = nonzero_bbox(data.image)
     spacing = [float(s) for s in data.spacing]
     voxel_mm3 = float(np.prod(spacing))
     counts = np.bincount(data.label.ravel(), minlength=max(labels, default=0) + 1)
-    fg = data.label > 0
+    fg = np.isin(data.label, labels)  # foreground: the labels, not background nor "ignore"
     rng = np.random.default_rng(seed)
     samples = []
     for c in range(num_channels):
@@ -98,7 +100,8 @@ def _case_fingerprint(args: tuple[CaseFiles, int, list[int], int]) -> tuple[Case
 def compute_fingerprint(dataset: Dataset, workers: int, seed: int = 0) -> Fingerprint:
     """Fingerprint every training case; failing cases are listed in ``failures``, not fatal."""
     labels = dataset.foreground_labels
-    jobs = [(c, dataset.num_channels, labels, seed + i) for i, c in enumerate(dataset.training)]
+    allowed = dataset.allowed_label_values
+    jobs = [(c, dataset.num_channels, labels, allowed, seed + i) for i, c in enumerate(dataset.training)]
     results, failures = map_cases(
         _case_fingerprint, jobs, workers, "fingerprint", keys=[c.case_id for c in dataset.training]
     )

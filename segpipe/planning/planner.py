@@ -309,15 +309,28 @@ def plan_lowres(fp: Fingerprint, fullres: Configuration, preset: PlannerPreset) 
     return None
 
 
-def plan_dataset(fp: Fingerprint, preset: PlannerPreset, labels: dict[str, int]) -> Plans:
+def plan_dataset(
+    fp: Fingerprint,
+    preset: PlannerPreset,
+    labels: dict[str, int],
+    ignore_label: int | None = None,
+    regions: dict[str, list[int]] | None = None,
+    regions_class_order: list[int] | None = None,
+) -> Plans:
     """Plan every configuration of a dataset from its fingerprint."""
     spacing = target_spacing(fp, preset.anisotropy_threshold)
     median = median_shape_at(fp, spacing)
     voxels = _dataset_voxels(fp, spacing)
     fullres = plan_configuration(FULLRES, spacing, median, voxels, preset)
-    configurations = {TWO_D: plan_2d(fullres, voxels, preset), FULLRES: fullres}
     lowres = plan_lowres(fp, fullres, preset)
+    # nnU-Net's batch_dice (``plan_experiment``): 2d yes, 3d_lowres no, 3d_fullres (and so the cascade)
+    # only when a 3d_lowres exists
+    fullres.batch_dice = lowres is not None
+    two_d = plan_2d(fullres, voxels, preset)
+    two_d.batch_dice = True
+    configurations = {TWO_D: two_d, FULLRES: fullres}
     if lowres is not None:
+        lowres.batch_dice = False
         cascade = from_dict(Configuration, {**to_dict(fullres), "name": CASCADE, "previous_stage": LOWRES})
         configurations[LOWRES] = lowres
         configurations[CASCADE] = cascade
@@ -332,6 +345,10 @@ def plan_dataset(fp: Fingerprint, preset: PlannerPreset, labels: dict[str, int])
         training=training,
         original_median_spacing=[float(s) for s in np.median([c.spacing for c in fp.cases], axis=0)],
         anisotropy_threshold=preset.anisotropy_threshold,
+        ignore_label=ignore_label,
+        regions=[list(r) for r in regions.values()] if regions else None,
+        region_names=list(regions) if regions else None,
+        regions_class_order=regions_class_order if regions else None,
     )
 
 
@@ -355,7 +372,7 @@ def run_plan(dataset_dir: str | Path, work: str | Path, preset_name: str, worker
     fp = compute_fingerprint(dataset, workers)
     if fp.failures:
         raise StageFailed("plan", fp.failures)
-    plans = plan_dataset(fp, preset, dataset.labels)
+    plans = plan_dataset(fp, preset, dataset.labels, dataset.ignore_label, dataset.regions, dataset.regions_class_order)
     write_json(wd.dataset, dataset.to_dict())
     write_json(wd.fingerprint, fp.to_dict())
     save_plans(plans, wd.plans)

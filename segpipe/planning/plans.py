@@ -77,6 +77,7 @@ class Configuration:
     data_identifier: str  # folder under WORK/preprocessed holding this configuration's cases
     previous_stage: str | None = None  # the cascade's stage-1 configuration
     slice_axis: int | None = None  # 2d: the axis the volume is sliced along; None for 3d
+    batch_dice: bool = False  # Dice summed over the batch (True) or per sample, as nnU-Net's planner chooses
 
     @property
     def is_2d(self) -> bool:
@@ -158,22 +159,71 @@ class Plans:
     training: TrainingSettings
     original_median_spacing: list[float]
     anisotropy_threshold: float = 3.0  # the planner's, also the resampling's separate-axis rule
+    ignore_label: int | None = None  # nnU-Net v2's "ignore": unannotated voxels, in no loss term or metric
+    # region-based training (nnU-Net v2): one sigmoid output per region (the label values it unites),
+    # written back to label values in ``regions_class_order`` (later regions overwrite earlier ones)
+    regions: list[list[int]] | None = None
+    region_names: list[str] | None = None
+    regions_class_order: list[int] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
     def num_classes(self) -> int:
-        """Output channels of the network: background plus every foreground label."""
+        """Output channels of the network: background plus every foreground label (never ``ignore``),
+        or one per region."""
+        return len(self.regions) if self.regions else len(self.labels)
+
+    @property
+    def num_label_classes(self) -> int:
+        """Classes of preprocessed label maps: background plus every foreground label value."""
         return len(self.labels)
+
+    @property
+    def evaluation_targets(self) -> list[int | list[int]]:
+        """What Dice is reported for: each foreground label, or each region (a list of label values)."""
+        return [list(r) for r in self.regions] if self.regions else self.foreground_labels
+
+    @property
+    def region_classes(self) -> list[list[int]] | None:
+        """Each region as class indices of the preprocessed label maps."""
+        if not self.regions:
+            return None
+        index = {v: i for i, v in enumerate(sorted(self.labels.values()))}
+        return [[index[v] for v in region] for region in self.regions]
 
     @property
     def foreground_labels(self) -> list[int]:
         return sorted(v for v in self.labels.values() if v != 0)
 
+    @property
+    def allowed_label_values(self) -> set[int]:
+        """What a label file may contain: the labels and the ignore value."""
+        return set(self.labels.values()) | ({self.ignore_label} if self.ignore_label is not None else set())
+
+    @property
+    def ignore_class(self) -> int | None:
+        """The class index ``ignore`` voxels get in preprocessed label maps: one past the label classes."""
+        return self.num_label_classes if self.ignore_label is not None else None
+
+    @property
+    def num_stored_classes(self) -> int:
+        """Class indices a preprocessed label map may hold: the label classes and ``ignore``."""
+        return self.num_label_classes + (self.ignore_label is not None)
+
+    @property
+    def class_dtype(self) -> type[np.signedinteger]:
+        """Storage of class-index maps: int8 while the indices fit (nnU-Net does the same), else int16."""
+        return np.int8 if self.num_stored_classes <= 127 else np.int16
+
     def label_to_class(self, label: np.ndarray) -> np.ndarray:
-        """Map label values to contiguous class indices (background 0, then labels in ascending order)."""
+        """Map label values to contiguous class indices (background 0, then labels in ascending order;
+        ``ignore`` to :attr:`ignore_class`)."""
         values = sorted(self.labels.values())
-        lut = np.zeros(max(values) + 1, dtype=np.int8)
+        top = max([*values, self.ignore_label if self.ignore_label is not None else 0])
+        lut = np.zeros(top + 1, dtype=self.class_dtype)
         lut[values] = np.arange(len(values))
+        if self.ignore_label is not None:
+            lut[self.ignore_label] = self.ignore_class
         return lut[label]
 
     def configuration(self, name: str) -> Configuration:

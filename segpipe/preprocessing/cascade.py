@@ -44,7 +44,7 @@ def previous_stage_classes(
     box = tuple(slice(lo, hi) for lo, hi in props.crop_box)
     classes = plans.label_to_class(seg[box].astype(np.int64))
     out = resample_label(
-        classes, props.original_spacing, config.spacing, plans.num_classes, plans.anisotropy_threshold
+        classes, props.original_spacing, config.spacing, plans.num_label_classes, plans.anisotropy_threshold
     ).astype(np.int8)
     if list(out.shape) != list(props.shape):
         raise InputError(where, f"resampled to {list(out.shape)}, the preprocessed image is {props.shape}")
@@ -62,7 +62,7 @@ def with_previous_stage(
     """The case's image with stage 1's segmentation ``seg`` (original grid, label values) appended as
     one-hot channels: the input of stage 2."""
     classes = previous_stage_classes(seg, pre.properties, plans, config, where)
-    image = np.concatenate([pre.image, one_hot(classes, plans.num_classes)])
+    image = np.concatenate([pre.image, one_hot(classes, plans.num_label_classes)])
     return PreprocessedCase(image, pre.label, pre.properties)
 
 

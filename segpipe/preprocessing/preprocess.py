@@ -26,7 +26,7 @@ from segpipe.data.dataset import CaseData, CaseFiles, Dataset, read_case
 from segpipe.planning.fingerprint import nonzero_bbox
 from segpipe.planning.plans import Configuration, Plans, load_plans
 from segpipe.preprocessing.normalization import normalize
-from segpipe.preprocessing.resampling import resample_image, resample_label
+from segpipe.preprocessing.resampling import OUTSIDE_MASK, resample_image, resample_label
 
 FOREGROUND_SAMPLES_PER_CLASS = 10_000
 
@@ -49,7 +49,7 @@ class CaseProperties:
 @dataclass
 class PreprocessedCase:
     image: np.ndarray  # (C, X, Y, Z) float32
-    label: np.ndarray | None  # (X, Y, Z) int8
+    label: np.ndarray | None  # (X, Y, Z) class indices, int8 (int16 beyond 127 classes)
     properties: CaseProperties
 
 
@@ -65,9 +65,13 @@ def preprocess_case(
     label = None
     if data.label is not None:
         classes = plans.label_to_class(data.label[sl])
-        label = resample_label(classes, spacing, config.spacing, plans.num_classes, plans.anisotropy_threshold).astype(
-            np.int8
-        )
+        if any(n.use_nonzero_mask for n in plans.normalization):
+            # nnU-Net's crop_to_nonzero: background outside the non-zero mask becomes -1, so training sets
+            # the image there back to 0 after augmentation (as normalization left it)
+            classes[(classes == 0) & ~np.any(data.image[(slice(None), *sl)] != 0, axis=0)] = OUTSIDE_MASK
+        label = resample_label(
+            classes, spacing, config.spacing, plans.num_stored_classes, plans.anisotropy_threshold
+        ).astype(plans.class_dtype)
     props = CaseProperties(
         case_id=data.case_id,
         original_shape=list(data.image.shape[1:]),
@@ -120,9 +124,9 @@ def _preprocess_one(item: tuple[CaseFiles, int], work: Path, configs: list[str],
             targets.append((config, folder))
     if not targets:
         return "skipped"
-    data = read_case(case, len(plans.channel_names), set(plans.labels.values()))
+    data = read_case(case, len(plans.channel_names), plans.allowed_label_values)
     for config, folder in targets:
-        classes = list(range(1, plans.num_classes))
+        classes = list(range(1, plans.num_label_classes))
         save_case(folder, preprocess_case(data, plans, config, case), classes, seed)
     return "done"
 

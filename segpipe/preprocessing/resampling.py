@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 ANISOTROPY_THRESHOLD = 3.0  # nnunetv2/configuration.py ANISO_THRESHOLD; plans carry their own value
+OUTSIDE_MASK = -1  # label-map marker of background outside the non-zero mask (nnU-Net's -1)
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
@@ -88,7 +89,8 @@ def resample_label(
     axis = separate_axis(spacing, target, threshold)
     best = np.zeros(shape, dtype=np.float32)
     out = np.zeros(shape, dtype=label.dtype)
-    for c in range(num_classes):
+    values = [*range(num_classes), *([OUTSIDE_MASK] if (label == OUTSIDE_MASK).any() else [])]
+    for c in values:
         prob = _resample_volume((label == c).astype(np.float32), shape, 1, axis)
         better = prob > best
         out[better] = c

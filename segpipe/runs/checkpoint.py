@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from segpipe.core.atomic import atomic_path
-from segpipe.core.serialization import from_dict
 from segpipe.networks.build import build_network
-from segpipe.planning.plans import Configuration, Plans, TrainingSettings
+from segpipe.planning.plans import Configuration, Plans
 
 # What a checkpoint written before mirror axes were stored allowed: every axis (3d training).
 DEFAULT_MIRROR_AXES = (0, 1, 2)
@@ -69,8 +68,9 @@ def load_model(path: Path, plans: Plans, config: Configuration, device: torch.de
         hint = " (this fold has not finished training)" if path.name == FINAL else ""
         raise FileNotFoundError(f"{path}: checkpoint not found{hint}")
     ckpt = load_checkpoint(path)
-    settings = from_dict(TrainingSettings, ckpt["settings"])
     extra = len(plans.foreground_labels) if config.previous_stage else 0
-    model = build_network(config, len(plans.channel_names), plans.num_classes, settings.deep_supervision, extra)
-    model.load_state_dict(ckpt["model"])
+    # prediction never uses the deep-supervision heads: build without them, drop their weights
+    model = build_network(config, len(plans.channel_names), plans.num_classes, False, extra)
+    weights = {k: v for k, v in ckpt["model"].items() if "deep_supervision_heads." not in k and "super_head." not in k}
+    model.load_state_dict(weights)
     return model.to(device).eval()

@@ -34,6 +34,7 @@ from segpipe.augmentation.draw import AUGMENTATIONS, Augmenter, choose_geometry
 from segpipe.core.atomic import read_json, remove_stale_temporaries
 from segpipe.core.paths import WorkDir
 from segpipe.core.serialization import from_dict, to_dict
+from segpipe.evaluation.metrics import target_key
 from segpipe.inference.predict import amp_dtype_for, resolve_device
 from segpipe.networks.build import build_network
 from segpipe.planning.planner import slice_axis
@@ -46,7 +47,7 @@ from segpipe.runs.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, s
 from segpipe.runs.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snapshot_path
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo
-from segpipe.training.losses import DeepSupervisionDiceCE
+from segpipe.training.losses import build_loss
 from segpipe.training.sampling import PatchBatches, SamplerSpec, make_loader
 from segpipe.training.schedules import cycle_ends, learning_rate, training_progress
 
@@ -176,7 +177,7 @@ def setup(
             config.patch_size,
             batch_size,
             distributed.per_rank_oversample(config.batch_size, settings.oversample_foreground, dist),
-            list(range(1, plans.num_classes)),
+            list(range(1, plans.num_label_classes)),
             previous,
         )
 
@@ -186,7 +187,7 @@ def setup(
         config=config,
         settings=settings,
         model=model,
-        loss=DeepSupervisionDiceCE(),
+        loss=build_loss(config.batch_dice, plans.ignore_class, plans.region_classes),
         optimizer=optimizer,
         scaler=scaler,
         device=dev,
@@ -260,7 +261,7 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
         image, label = augment_batch(run.augmenter, image, label, batch["params"], run.config.patch_size)
     if run.settings.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
-    label = label.long()
+    label = label.long().clamp_min(0)  # "outside the non-zero mask" (-1) is background to the loss
     with distributed.sync_gradients(run.ddp or run.model, now=stepping):
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.forward_model(image)
@@ -328,19 +329,20 @@ def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
     run.model.eval()
     seed = run.settings.seed + VALIDATION_SEED_OFFSET
     data = PatchBatches(run.val_spec, run.settings.val_iters, seed, epoch, None, rank=run.dist.rank)
-    labels = run.plans.foreground_labels
+    plans = run.plans
+    labels = plans.evaluation_targets
     tp, fp, fn = (np.zeros(len(labels)) for _ in range(3))
     losses = []
     for batch in make_loader(data, 0, False):
         image = batch["image"].to(run.device)
-        label = batch["label"].to(run.device).long()
+        label = batch["label"].to(run.device).long().clamp_min(0)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.model(image)
         losses.append(float(run.loss(logits, label)))
-        pred = logits.argmax(1)
         target = label[:, 0]
-        for i in range(len(labels)):
-            p, t = pred == i + 1, target == i + 1
+        counted = target != plans.ignore_class if plans.ignore_class is not None else torch.ones_like(target).bool()
+        for i, (p, t) in enumerate(predicted_and_reference(logits, target, plans)):
+            p = p & counted
             tp[i] += float((p & t).sum())
             fp[i] += float((p & ~t).sum())
             fn[i] += float((~p & t).sum())
@@ -351,9 +353,21 @@ def validate(run: TrainingRun, epoch: int) -> dict[str, float]:
     denom = 2 * tp + fp + fn
     dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
     out = {"val_loss": float(loss_sum / batches) if batches else math.nan}
-    out.update({f"dice_{v}": float(d) for v, d in zip(labels, dice)})
+    out.update({f"dice_{target_key(v)}": float(d) for v, d in zip(labels, dice)})
     out["mean_dice"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
     return out
+
+
+def predicted_and_reference(logits: torch.Tensor, target: torch.Tensor, plans: Plans):
+    """Per evaluation target, the predicted and reference masks of a batch: argmax == class for labels,
+    sigmoid > 0.5 against the united classes for regions."""
+    if plans.region_classes is None:
+        pred = logits.argmax(1)
+        return [(pred == k, target == k) for k in range(1, plans.num_label_classes)]
+    return [
+        (logits[:, r] > 0, torch.isin(target, torch.tensor(classes, device=target.device)))
+        for r, classes in enumerate(plans.region_classes)
+    ]
 
 
 def augment_in_workers(settings: TrainingSettings, device: torch.device) -> bool:

@@ -1,29 +1,133 @@
-"""Training loss: Dice + cross-entropy (MONAI's DiceCELoss) over the deep-supervision heads."""
+"""Training loss: soft Dice + cross-entropy over the deep-supervision heads, as nnU-Net v2 computes it.
+
+nnU-Net's rules (nnunetv2/training/loss/compound_losses.py ``DC_and_CE_loss``, dice.py
+``MemoryEfficientSoftDiceLoss``, nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py ``_build_loss``):
+Dice over the foreground classes of the softmax, smooth 1e-5 above and below, summed over the batch
+("batch Dice") or per sample as the plans say, plus cross-entropy, weights 1 and 1. Voxels of the
+``ignore`` label count in neither term. Deep supervision: every decoder head at its own resolution,
+the targets downsampled to it with nearest-exact, weights halving per level, normalized (the lowest
+level, whose weight nnU-Net sets to 0, is not built at all: see :mod:`segpipe.networks.build`).
+
+Written here rather than taken from MONAI's ``DiceCELoss`` because the ignore label needs one voxel
+mask in both terms, which MONAI's Dice losses do not accept.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from monai.losses import DiceCELoss
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from segpipe.networks.build import deep_supervision_weights
 
+SMOOTH = 1e-5
 
-class DeepSupervisionDiceCE(nn.Module):
-    """Soft Dice (foreground classes, batch Dice) + cross-entropy, weighted over heads.
 
-    ``logits``: ``(B, H, C, X, Y, Z)`` with heads, or ``(B, C, X, Y, Z)``; ``target``: ``(B, 1, X, Y, Z)``
-    integer labels.
-    """
+def soft_dice_loss(
+    probs: Tensor, onehot: Tensor, mask: Tensor | None, batch_dice: bool, smooth: float = SMOOTH
+) -> Tensor:
+    """``-mean(dc)`` with ``dc = (2 I + smooth) / max(P + G + smooth, 1e-8)`` per class (``batch_dice``:
+    sums over the batch too, else per sample and class). ``probs``, ``onehot``: ``(B, K, ...)``; ``mask``
+    ``(B, 1, ...)`` of voxels that count, or None."""
+    if mask is not None:
+        probs, onehot = probs * mask, onehot * mask
+    axes = tuple(range(2, probs.dim()))
+    intersect, pred, ref = (probs * onehot).sum(axes), probs.sum(axes), onehot.sum(axes)
+    if batch_dice:
+        intersect, pred, ref = intersect.sum(0), pred.sum(0), ref.sum(0)
+    return -((2 * intersect + smooth) / (pred + ref + smooth).clamp_min(1e-8)).mean()
 
-    def __init__(self) -> None:
+
+class DiceCE(nn.Module):
+    """Soft Dice of the foreground classes + cross-entropy, on ``logits (B, C, ...)`` and class-index
+    ``target (B, 1, ...)``; target value ``ignore_class`` (if set) is masked out of both."""
+
+    def __init__(
+        self, batch_dice: bool, ignore_class: int | None = None, weight_ce: float = 1.0, weight_dice: float = 1.0
+    ):
         super().__init__()
-        self.dice_ce = DiceCELoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+        self.batch_dice = batch_dice
+        self.ignore_class = ignore_class
+        self.weight_ce, self.weight_dice = weight_ce, weight_dice  # nnU-Net's DC_and_CE_loss weights
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits, target = logits.float(), target.long()
+        mask = None
+        if self.ignore_class is not None:
+            mask = target != self.ignore_class
+            target = torch.where(mask, target, torch.zeros_like(target))
+        num_classes = logits.shape[1]
+        onehot = torch.zeros_like(logits).scatter_(1, target, 1.0)
+        probs = torch.softmax(logits, dim=1)
+        m = mask.to(logits.dtype) if mask is not None else None
+        dice = soft_dice_loss(probs[:, 1:], onehot[:, 1:], m, self.batch_dice) if num_classes > 1 else logits.sum() * 0
+        ce_target = target[:, 0] if mask is None else torch.where(mask[:, 0], target[:, 0], -100)
+        if mask is not None and not bool(mask.any()):
+            return self.weight_dice * dice  # nnU-Net: no cross-entropy when the whole batch is ignored
+        return self.weight_ce * F.cross_entropy(logits, ce_target, ignore_index=-100) + self.weight_dice * dice
+
+
+class RegionDiceBCE(nn.Module):
+    """Region-based training (nnU-Net's ``DC_and_BCE_loss``): one sigmoid output per region; target
+    channel ``r`` is "the class map holds one of ``region_classes[r]``"; soft Dice over every region
+    (no background channel) + binary cross-entropy, both without the ``ignore_class`` voxels (BCE as the
+    mean over the counted voxels and regions; nnU-Net's masked BCE is that times the number of regions)."""
+
+    def __init__(self, batch_dice: bool, region_classes: Sequence[Sequence[int]], ignore_class: int | None = None):
+        super().__init__()
+        self.batch_dice = batch_dice
+        self.region_classes = [list(r) for r in region_classes]
+        self.ignore_class = ignore_class
+
+    def regions_of(self, target: Tensor) -> Tensor:
+        """``(B, R, ...)`` float region masks of a class-index ``target (B, 1, ...)``."""
+        return torch.cat(
+            [torch.isin(target, torch.tensor(r, device=target.device)) for r in self.region_classes], dim=1
+        ).float()
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits, target = logits.float(), target.long()
+        regions = self.regions_of(target)
+        mask = (target != self.ignore_class).float() if self.ignore_class is not None else None
+        dice = soft_dice_loss(torch.sigmoid(logits), regions, mask, self.batch_dice)
+        bce = F.binary_cross_entropy_with_logits(logits, regions, reduction="none")
+        if mask is None:
+            return bce.mean() + dice
+        counted = mask.sum() * logits.shape[1]
+        return (bce * mask).sum() / counted.clamp_min(1.0) + dice
+
+
+def downsample_target(target: Tensor, shape: Sequence[int]) -> Tensor:
+    """Class-index ``target (B, 1, ...)`` at a deep-supervision head's ``shape``: nearest-exact, as
+    nnU-Net's ``DownsampleSegForDSTransform`` (batchgeneratorsv2)."""
+    if tuple(target.shape[2:]) == tuple(shape):
+        return target
+    return F.interpolate(target.float(), size=tuple(shape), mode="nearest-exact").to(target.dtype)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """``loss`` over the heads: a tuple of logits, full resolution first (training with deep
+    supervision), or one logits tensor (validation, no deep supervision)."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+        if isinstance(logits, Tensor):
+            return self.loss(logits, target)
+        weights = deep_supervision_weights(len(logits))
+        return sum(
+            float(w) * self.loss(head, downsample_target(target, head.shape[2:])) for w, head in zip(weights, logits)
         )
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.dim() == target.dim():
-            return self.dice_ce(logits.float(), target)
-        weights = deep_supervision_weights(logits.shape[1]).to(logits.device)
-        return sum(w * self.dice_ce(logits[:, i].float(), target) for i, w in enumerate(weights))
+
+def build_loss(
+    batch_dice: bool, ignore_class: int | None = None, region_classes: Sequence[Sequence[int]] | None = None
+) -> nn.Module:
+    """The training loss of a configuration over the heads: Dice + CE, or Dice + BCE for regions."""
+    if region_classes:
+        return DeepSupervisionLoss(RegionDiceBCE(batch_dice, region_classes, ignore_class))
+    return DeepSupervisionLoss(DiceCE(batch_dice, ignore_class))

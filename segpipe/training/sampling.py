@@ -155,7 +155,7 @@ class PatchBatches(IterableDataset):
             labels.append(crop_padded(case.label[None], center, extent))
         batch: dict[str, Any] = {
             "image": torch.from_numpy(np.stack(images)).float(),
-            "label": torch.from_numpy(np.stack(labels)).to(torch.int8),
+            "label": torch.from_numpy(np.stack(labels)),  # the stored class dtype: int8, or int16
         }
         if drawn is None:
             return batch

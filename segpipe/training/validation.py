@@ -65,5 +65,11 @@ def validate_fold(
             out, out, work, config_name, members, options, device, cases=cases, dist=dist, previous_stage=previous
         )
         if dist.is_main:
-            summaries[name] = evaluate_folder(out, gt_dir, labels=plans.foreground_labels, output=out / "summary.json")
+            summaries[name] = evaluate_folder(
+                out,
+                gt_dir,
+                labels=plans.evaluation_targets,
+                output=out / "summary.json",
+                ignore_label=plans.ignore_label,
+            )
     return summaries.get("final")

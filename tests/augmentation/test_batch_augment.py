@@ -93,7 +93,7 @@ SINGLE = {
     "contrast": [AugmentParams(contrast=0.77), AugmentParams(contrast=1.23), AugmentParams()],
     "lowres": [AugmentParams(lowres_zoom=[0.5, None]), AugmentParams(lowres_zoom=[0.63, 0.91]), AugmentParams()],
     "gamma": [AugmentParams(gamma=0.75), AugmentParams(gamma=1.4), AugmentParams()],
-    "gamma_inverted": [AugmentParams(gamma=0.8, gamma_inverted=True), AugmentParams(gamma=1.3, gamma_inverted=True)],
+    "gamma_inverted": [AugmentParams(inverted_gamma=0.8), AugmentParams(inverted_gamma=1.3, gamma=0.8)],
     "mirror": [AugmentParams(mirror=[0]), AugmentParams(mirror=[1, 2]), AugmentParams(mirror=[0, 1, 2])],
 }
 
@@ -121,10 +121,27 @@ def test_drawn_batches_match_reference(volume) -> None:
         "contrast",
         "lowres_zoom",
         "gamma",
-        "gamma_inverted",
+        "inverted_gamma",
         "mirror",
         "noise_std",
     }
+
+
+def test_brightness_contrast_gamma_drawn_as_bgcontrast() -> None:
+    """batchgeneratorsv2's BGContrast: half the draws in U(lo, 1), half in U(1, hi); the two gamma
+    transforms are independent (both can apply: p = 0.1 x 0.3)."""
+    config = AugmentationConfig(p_brightness=1.0, p_contrast=1.0, p_gamma_inverted=0.5, p_gamma=0.5)
+    aug = Augmenter(config, 1)
+    rng = np.random.default_rng(4)
+    drawn = [aug.draw(rng) for _ in range(4000)]
+    bright = np.array([p.brightness for p in drawn])
+    assert 0.47 < np.mean(bright < 1) < 0.53  # half below 1, although (0.75, 1.25) is symmetric around 1 anyway
+    assert bright.min() >= 0.75 and bright.max() <= 1.25
+    gammas = np.array([p.gamma for p in drawn if p.gamma is not None])
+    # U(0.7, 1.5) would put 3/8 below 1; BGContrast puts half there
+    assert 0.46 < np.mean(gammas < 1) < 0.54
+    both = np.mean([p.gamma is not None and p.inverted_gamma is not None for p in drawn])
+    assert 0.22 < both < 0.28  # 0.5 x 0.5: independent, not exclusive
 
 
 def test_blur_kernels_are_monais() -> None:
@@ -383,3 +400,32 @@ def test_2d_blur_is_in_plane_and_batched_equals_reference(volume) -> None:
         flat, torch.zeros(1, 1, 16, 1, 20, dtype=torch.int8), [AugmentParams(blur_sigma=[1.0], blur_keep_axis=1)], patch
     )
     assert float(out[0, 0, 8, 0, 10]) == pytest.approx(1.0, abs=1e-3)  # interior: unchanged level
+
+
+def test_outside_the_nonzero_mask_is_zero_after_augmentation(volume) -> None:
+    """nnU-Net's MaskImageTransform + RemoveLabelTransform(-1 -> 0): wherever the (rotated) label says
+    "outside the non-zero mask" (-1) the image is 0 in every channel, and the label is background."""
+    image, label = volume
+    label = label.copy()
+    label[:, :, :30] = -1  # a third of the volume is outside the mask
+    params = [AugmentParams(rotation=ROT, scale=1.1, brightness=1.2, noise_std=0.3, noise_seed=3), AugmentParams()]
+    centres = [np.array([32, 30, 26]), np.array([32, 28, 26])]
+    extent = batch_extent(PATCH, params)
+    imgs = torch.stack([torch.from_numpy(crop_padded(image, c, extent)) for c in centres])
+    labs = torch.stack([torch.from_numpy(crop_padded(label, c, extent)) for c in centres])
+    spatial_only = [AugmentParams(rotation=ROT, scale=1.1), AugmentParams()]
+    marked = torch.where(labs < 0, torch.full_like(labs, 9), labs)  # the -1 region as a label of its own
+    _, where = apply_batch(imgs.clone(), marked, spatial_only, PATCH)
+    outside = where == 9  # where the -1 region lands under the same rotation
+    assert outside.any() and (~outside).any()
+    out, lab = apply_batch(imgs, labs, params, PATCH)
+    assert lab.min() >= 0 and lab.dtype == torch.int8
+    mask = outside.expand_as(out)
+    assert torch.all(out[mask] == 0) and torch.count_nonzero(out[~mask]) > 0.99 * (~mask).sum()
+    ref, ref_lab = apply(
+        torch.from_numpy(crop_padded(image, centres[0], source_extent(PATCH, params[0]))),
+        torch.from_numpy(crop_padded(label, centres[0], source_extent(PATCH, params[0]))),
+        params[0],
+        PATCH,
+    )
+    assert torch.all(ref[outside[0].expand_as(ref)] == 0) and ref_lab.min() >= 0

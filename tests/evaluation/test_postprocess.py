@@ -36,17 +36,24 @@ def _gt_paths(tmp_path: Path, gts: dict[str, np.ndarray]) -> dict[str, Path]:
     return {case: tmp_path / "gt" / f"{case}.nii.gz" for case in gts}
 
 
-def test_keep_largest_component_uses_face_connectivity() -> None:
+def test_keep_largest_component_uses_full_connectivity() -> None:
+    """nnU-Net (acvl_utils via skimage.measure.label): 26-connected components, ties all kept."""
     seg = _seg((A, 1), (B_ATTACHED, 2))
-    seg[6, 6, 6] = 1  # touches A only at a corner: its own component with face connectivity
+    seg[6, 6, 6] = 1  # touches A (ends at 5, 5, 5) only at a corner: part of A's component with 26 neighbours
     seg[12, 12, 12] = 2
     out = keep_largest_component(seg, None)
-    np.testing.assert_array_equal(out, _seg((A, 1), (B_ATTACHED, 2)))  # A+B is one foreground component
+    expected = _seg((A, 1), (B_ATTACHED, 2))
+    expected[6, 6, 6] = 1
+    np.testing.assert_array_equal(out, expected)  # A + B + the corner voxel: one foreground component
     per_label = keep_largest_component(seg, [2])
     expected = seg.copy()
     expected[12, 12, 12] = 0
     np.testing.assert_array_equal(per_label, expected)
     assert seg[12, 12, 12] == 2  # input untouched
+    # two components of 8 voxels tie for the largest: both stay, the single voxel goes
+    tie = _seg((B_ATTACHED, 1), (B_APART, 1))
+    tie[14, 14, 14] = 1
+    np.testing.assert_array_equal(keep_largest_component(tie, None), _seg((B_ATTACHED, 1), (B_APART, 1)))
 
 
 def test_decision_keeps_largest_foreground_when_it_helps(tmp_path: Path) -> None:

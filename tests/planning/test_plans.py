@@ -458,3 +458,16 @@ def test_cpu_preset_bounds_the_voxels_of_one_iteration() -> None:
     for config in plans.configurations.values():
         assert np.prod(config.patch_size) * config.batch_size <= cpu.max_batch_voxels
     assert plans.configurations[TWO_D].batch_size == 262144 // (192 * 192)  # 7 slices of 192 x 192
+
+
+def test_batch_dice_per_configuration_as_nnunet(preset: PlannerPreset) -> None:
+    # nnU-Net's plan_experiment: 2d True, 3d_lowres False, 3d_fullres (and the cascade) True only with a cascade
+    plans = plan_dataset(_cascade_fingerprint(), preset, LABELS)
+    assert {n: c.batch_dice for n, c in plans.configurations.items()} == {
+        TWO_D: True,
+        FULLRES: True,
+        LOWRES: False,
+        CASCADE: True,
+    }
+    small = plan_dataset(make_fingerprint([[1, 1, 1]] * 3, [[40, 40, 40]] * 3), preset, LABELS)
+    assert {n: c.batch_dice for n, c in small.configurations.items()} == {TWO_D: True, FULLRES: False}

@@ -117,7 +117,7 @@ def test_ddp_training_matches_one_process_with_the_global_batch(prepared_work: P
     for name, dice in [("weights_ce", False), ("weights_dice_ce", True)]:
         run = setup(work, CONFIG, 0, OVERRIDES, device="cpu")
         if not dice:
-            run.loss.dice_ce.lambda_dice = 0.0
+            run.loss.loss.weight_dice = 0.0
         run.model.train()
         for batch in batches:
             train_step(run, batch)
