@@ -14,7 +14,7 @@ from conftest import run_cli, write_nnunet_dataset
 
 from segpipe.core.atomic import read_json, write_json
 from segpipe.data.nifti import load_nifti, save_nifti
-from segpipe.planning.plans import FULLRES, load_plans
+from segpipe.planning.plans import FULLRES, Plans, load_plans
 
 TRAIN = "--fold 0 --epochs 1 --iters-per-epoch 2 --val-iters 1 --num-folds 2 --device cpu --workers 0 --no-val-tta"
 IGNORE = 3
@@ -40,11 +40,16 @@ def ignore_dataset(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFac
     return root
 
 
+def checked_and_preprocessed(dataset: Path, work: Path) -> Plans:
+    """``check`` passes, then ``preprocess`` with the CPU preset; the plans."""
+    ok(run_cli("check", dataset))
+    ok(run_cli("preprocess", dataset, "-o", work, "--preset", "cpu", "--workers", 1))
+    return load_plans(work / "plans.json")
+
+
 def test_ignore_label_end_to_end(ignore_dataset: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
-    ok(run_cli("check", ignore_dataset))
-    ok(run_cli("preprocess", ignore_dataset, "-o", work, "--preset", "cpu", "--workers", 1))
-    plans = load_plans(work / "plans.json")
+    plans = checked_and_preprocessed(ignore_dataset, work)
     assert plans.ignore_label == IGNORE and plans.num_classes == 3 and plans.labels == {"background": 0, "a": 1, "b": 2}
     seg = np.load(work / "preprocessed" / FULLRES / "synth_000_seg.npy")
     assert plans.ignore_class == 3 and (seg == 3).any()  # kept through resampling as its own class
@@ -120,9 +125,7 @@ def region_dataset(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFac
 
 def test_regions_end_to_end(region_dataset: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
-    ok(run_cli("check", region_dataset))
-    ok(run_cli("preprocess", region_dataset, "-o", work, "--preset", "cpu", "--workers", 1))
-    plans = load_plans(work / "plans.json")
+    plans = checked_and_preprocessed(region_dataset, work)
     assert plans.regions == [[1, 2], [2]] and plans.regions_class_order == [1, 2] and plans.num_classes == 2
     out = ok(run_cli("train", work, *TRAIN.split()))
     assert "dice_1+2" in (work / FULLRES / "fold_0" / "log.csv").read_text().splitlines()[0]
