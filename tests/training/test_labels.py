@@ -72,6 +72,11 @@ def test_ignore_label_end_to_end(ignore_dataset: Path, tmp_path: Path) -> None:
     assert summary["ignore_label"] == IGNORE
     ok(run_cli("report", work))
     assert read_json(work / "report" / "report.json")["recommended"]
+    # segpipe predict on new images (here: the training images) never writes the ignore value either
+    ok(run_cli("predict", "-i", ignore_dataset / "imagesTr", "-o", tmp_path / "pred", "-m", work, "--no-tta"))
+    written = sorted((tmp_path / "pred").glob("*.nii.gz"))
+    assert len(written) == 6
+    assert all(IGNORE not in np.unique(np.asarray(nib.load(str(w)).dataobj)) for w in written)
 
 
 def test_ignore_must_be_a_new_value(ignore_dataset: Path, tmp_path: Path) -> None:
@@ -149,6 +154,10 @@ def test_regions_end_to_end(region_dataset: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(ensembled[clear], pred[clear])
     ok(run_cli("postprocess", work))
     ok(run_cli("report", work))
+    ok(run_cli("predict", "-i", region_dataset / "imagesTr", "-o", tmp_path / "pred", "-m", work, "--no-tta"))
+    ok(run_cli("evaluate", tmp_path / "pred", region_dataset / "labelsTr", "-o", tmp_path / "per_label.json"))
+    per_label = read_json(tmp_path / "per_label.json")  # regions written back to label values 1 and 2
+    assert per_label["labels"] == [1, 2] and per_label["num_cases"] == 6
     report = read_json(work / "report" / "report.json")
     assert set(report["candidates"][0]["dice"]) == {"1+2", "2"} and report["labels"] == {"both": "1+2", "b": "2"}
 
