@@ -22,6 +22,9 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
 @click.group()
 @click.version_option(package_name="segpipe")
 def main() -> None:
@@ -138,18 +141,31 @@ def _folds(value: str) -> list[int]:
 @click.argument("work", type=click.Path(path_type=Path))
 @click.option("--config", default="3d_fullres", show_default=True, help="Configuration to train.")
 @click.option("--fold", required=True, help="Fold to train (0..K-1), several (0,2), or 'all': in sequence.")
-@click.option("--epochs", type=int, default=None, help="Epochs (default from plans: 1000).")
-@click.option("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
-@click.option("--val-iters", type=int, default=None, help="Validation batches per epoch (default 50).")
-@click.option("--time-budget", type=float, default=None, help="Seconds; the schedule runs over wall-clock time.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default from plans: 1000).")
+@click.option("--iters-per-epoch", type=click.IntRange(min=1), default=None, help="Iterations per epoch (default 250).")
+@click.option(
+    "--val-iters", type=click.IntRange(min=1), default=None, help="Validation batches per epoch (default 50)."
+)
+@click.option("--time-budget", type=POSITIVE, default=None, help="Seconds; the schedule runs over wall-clock time.")
 @click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
-@click.option("--lr", "initial_lr", type=float, default=None, help="Initial learning rate (default 0.01).")
-@click.option("--cycles", type=int, default=None, help="cosine/cyclic: number of cycles (a snapshot at each end).")
-@click.option("--cycle-mult", type=float, default=None, help="cosine: each cycle this many times the previous.")
-@click.option("--min-lr", type=float, default=None, help="cosine: LR at the end of each cycle.")
-@click.option("--warmup", "warmup_fraction", type=float, default=None, help="Linear warm-up over this fraction.")
+@click.option("--lr", "initial_lr", type=POSITIVE, default=None, help="Initial learning rate (default 0.01).")
+@click.option(
+    "--cycles",
+    type=click.IntRange(min=1),
+    default=None,
+    help="cosine/cyclic: number of cycles (a snapshot at each end).",
+)
+@click.option("--cycle-mult", type=POSITIVE, default=None, help="cosine: each cycle this many times the previous.")
+@click.option("--min-lr", type=click.FloatRange(min=0), default=None, help="cosine: LR at the end of each cycle.")
+@click.option(
+    "--warmup",
+    "warmup_fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Linear warm-up over this fraction.",
+)
 @click.option("--swa/--no-swa", default=None, help="Keep a running average of the snapshot weights (swa.pt).")
-@click.option("--accumulate", type=int, default=None, help="Gradient accumulation over N batches.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=None, help="Gradient accumulation over N batches.")
 @click.option(
     "--augment-on",
     type=click.Choice(["auto", "device", "workers"]),
@@ -158,9 +174,13 @@ def _folds(value: str) -> list[int]:
 )
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the network.")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="channels_last_3d (GPU).")
-@click.option("--num-folds", type=int, default=None, help="Folds when splits.json is created (default 5).")
+@click.option(
+    "--num-folds", type=click.IntRange(min=2), default=None, help="Folds when splits.json is created (default 5)."
+)
 @click.option("--seed", type=int, default=None, help="Seed for splits, initialisation and sampling.")
-@click.option("--workers", "num_workers", type=int, default=None, help="Data-loader worker processes.")
+@click.option(
+    "--workers", "num_workers", type=click.IntRange(min=0), default=None, help="Data-loader worker processes."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--resume", is_flag=True, help="Continue from the latest checkpoint (more --epochs extend a finished run)."
@@ -184,6 +204,7 @@ def train(
 
     Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
     from segpipe.evaluation.metrics import summary_table
+    from segpipe.runs.runlog import say
     from segpipe.scale import distributed
     from segpipe.training.loop import fit, num_folds, setup
     from segpipe.training.validation import validate_fold
@@ -198,14 +219,15 @@ def train(
             run = setup(work, config, f, overrides, time_budget, device, resume, dist)
             state = fit(run)
             if dist.is_main:
-                click.echo(
+                say(
+                    run.run_dir,
                     f"fold {f}: {state.iteration} iterations in {state.seconds:.0f} s "
-                    f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}"
+                    f"({state.seconds / max(state.iteration, 1):.3f} s/iteration); checkpoints in {run.run_dir}",
                 )
             if not no_validation:
                 summary = validate_fold(work, config, f, device, tta=not no_val_tta, dist=dist)
                 if dist.is_main:
-                    click.echo(summary_table(summary))
+                    say(run.run_dir, summary_table(summary))
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         _fail(exc)
     finally:
@@ -251,14 +273,28 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("-m", "--model", "work", required=True, type=click.Path(path_type=Path), help="Work folder.")
 @click.option("--config", default="3d_fullres", show_default=True)
-@click.option("--folds", default="0", show_default=True, help="Comma-separated folds to ensemble.")
-@click.option("--weights", default="final", show_default=True, help="final or swa weights of each fold.")
+@click.option("--folds", default=None, help="Comma-separated folds to ensemble (default: every trained fold).")
+@click.option(
+    "--weights",
+    "--checkpoint",
+    "weights",
+    type=click.Choice(["final", "best", "swa"]),
+    default="final",
+    show_default=True,
+    help="Each fold's final weights, its best (moving-average pseudo-Dice) checkpoint, or its SWA weights.",
+)
 @click.option("--snapshots", default=None, help="Cycle snapshots instead of the weights: 'all' or 'last:N'.")
 @click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation.")
-@click.option("--step", type=float, default=0.5, show_default=True, help="Window step as a fraction of the patch.")
+@click.option(
+    "--step",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Window step as a fraction of the patch.",
+)
 @click.option(
     "--batch-windows",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Windows per forward pass (each with all its mirrorings).",
@@ -266,7 +302,7 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--device-memory-limit",
-    type=float,
+    type=POSITIVE,
     default=None,
     help="MB a case's accumulators may take on the device; beyond it they stay on the CPU "
     "(default: env SEGPIPE_DEVICE_MEMORY_LIMIT_MB, else 60% of the free GPU memory).",
@@ -285,7 +321,7 @@ def predict(
     output_dir: Path,
     work: Path,
     config: str,
-    folds: str,
+    folds: str | None,
     weights: str,
     snapshots: str | None,
     no_tta: bool,
@@ -308,7 +344,7 @@ def predict(
     from segpipe.core.errors import StageFailed
     from segpipe.data.nifti import InputError
     from segpipe.inference.ensemble import Members
-    from segpipe.inference.predict import PredictOptions, predict_configuration
+    from segpipe.inference.predict import PredictOptions, predict_configuration, trained_folds
     from segpipe.scale import distributed
 
     options = PredictOptions(
@@ -323,7 +359,10 @@ def predict(
     try:
         # the ranks meet once, at the end: rank 0 may wait long there for a rank with slower cases
         dist = distributed.init(device, timeout=timedelta(hours=24))
-        members = Members(_folds(folds), weights, snapshots)
+        chosen = _folds(folds) if folds else trained_folds(work, config)
+        if not chosen:
+            raise FileNotFoundError(f"{work / config}: no trained fold (fold_<k>/checkpoint_final.pt); train first")
+        members = Members(chosen, weights, snapshots)
         summary = predict_configuration(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
     except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
         _fail(exc)

@@ -22,10 +22,10 @@ from segpipe.core.paths import WorkDir
 from segpipe.data.nifti import InputError, label_file_dtype, load_nifti, save_nifti
 from segpipe.inference.decode import label_map
 from segpipe.planning.plans import Configuration, Plans
-from segpipe.runs.checkpoint import FINAL, load_model, mirror_axes_of
+from segpipe.runs.checkpoint import BEST, FINAL, load_model, mirror_axes_of
 from segpipe.runs.snapshots import SWA_FILE, list_snapshots
 
-WEIGHTS = {"final": FINAL, "swa": SWA_FILE}
+WEIGHTS = {"final": FINAL, "best": BEST, "swa": SWA_FILE}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from segpipe.planning.plans import Configuration, Plans
 # What a checkpoint written before mirror axes were stored allowed: every axis (3d training).
 DEFAULT_MIRROR_AXES = (0, 1, 2)
 LATEST = "checkpoint_latest.pt"
+BEST = "checkpoint_best.pt"  # the epoch with the best moving average of the pseudo-Dice (as nnU-Net)
 FINAL = "checkpoint_final.pt"
 
 

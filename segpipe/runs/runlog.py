@@ -1,16 +1,39 @@
-"""What a training run leaves for a person to look at: ``log.csv`` and ``progress.png``.
+"""What a training run leaves for a person to look at: ``log.csv``, ``progress.png`` and ``train.log``.
 
 One row per epoch (losses, pseudo-Dice per label, learning rate, seconds); the plot is redrawn from
-the CSV after every epoch, so it always matches the log.
+the CSV after every epoch, so it always matches the log. ``train.log`` holds every line the console
+shows, with a timestamp.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from segpipe.core.atomic import atomic_write
+
+TEXT_LOG = "train.log"
+
+
+def say(run_dir: Path, text: str) -> None:
+    """Print ``text`` (above any progress bar) and append it, timestamped, to ``run_dir/train.log``."""
+    tqdm.write(text)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(run_dir / TEXT_LOG, "a") as fh:
+        fh.writelines(f"{stamp} {line}\n" for line in text.splitlines())
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` for a number of seconds (``?`` when unknown)."""
+    if not seconds == seconds or seconds < 0 or seconds == float("inf"):  # NaN, negative or inf
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def append_row(path: Path, row: dict[str, float | int]) -> None:

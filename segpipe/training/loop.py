@@ -43,7 +43,7 @@ from segpipe.planning.splits import load_or_create_splits
 from segpipe.preprocessing.cascade import prepare_training_inputs
 from segpipe.preprocessing.preprocess import list_preprocessed
 from segpipe.runs import runlog
-from segpipe.runs.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from segpipe.runs.checkpoint import BEST, FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from segpipe.runs.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snapshot_path
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo
@@ -65,6 +65,8 @@ class RunState:
     seconds: float = 0.0  # training wall time spent (resumes add to it)
     done: bool = False
     snapshots: int = 0  # cycle-end snapshots taken
+    ema_dice: float | None = None  # exponential moving average of the epochs' pseudo-Dice (nnU-Net's ema_fg_dice)
+    best_ema_dice: float | None = None  # the best of it so far: checkpoint_best.pt holds those weights
 
 
 @dataclass
@@ -297,7 +299,9 @@ def take_snapshot(run: TrainingRun, epoch: int) -> None:
             "mirror_axes": list(run.augmenter.mirror_axes),
         },
     )
-    tqdm.write(f"snapshot {run.state.snapshots} at {run.progress():.0%}: pseudo-Dice {metrics['mean_dice']:.4f}")
+    runlog.say(
+        run.run_dir, f"snapshot {run.state.snapshots} at {run.progress():.0%}: pseudo-Dice {metrics['mean_dice']:.4f}"
+    )
 
 
 def save_swa(run: TrainingRun) -> None:
@@ -388,6 +392,21 @@ def train_batches(run: TrainingRun, epoch: int) -> PatchBatches:
     )
 
 
+EMA_MOMENTUM = 0.9  # nnU-Net's ema_fg_dice: 0.9 x previous + 0.1 x this epoch's pseudo-Dice
+
+
+def update_ema_dice(state: RunState, dice: float) -> bool:
+    """Fold an epoch's pseudo-Dice into the moving average; True when the average is a new best
+    (nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py ``on_epoch_end`` saves checkpoint_best then)."""
+    if math.isnan(dice):
+        return False
+    state.ema_dice = dice if state.ema_dice is None else EMA_MOMENTUM * state.ema_dice + (1 - EMA_MOMENTUM) * dice
+    if state.best_ema_dice is None or state.ema_dice > state.best_ema_dice:
+        state.best_ema_dice = state.ema_dice
+        return True
+    return False
+
+
 def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
     """Train until progress reaches 1; checkpoint, log and plot after every epoch (under DDP: rank 0)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -398,10 +417,11 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
     run.model.train()
     if main and not run.state.done:
         g = run.augmenter.geometry
-        tqdm.write(
+        runlog.say(
+            run.run_dir,
             f"{run.config.name}: patch {run.config.patch_size}, batch {run.config.batch_size}; augmentation "
             + (f"{g.kind} (out-of-plane axis {g.axis})" if g.in_plane else "3d")
-            + f", mirroring axes {list(run.augmenter.mirror_axes)}"
+            + f", mirroring axes {list(run.augmenter.mirror_axes)}",
         )
     while not run.state.done:
         epoch = run.state.epoch
@@ -428,7 +448,9 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             # all ranks follow rank 0's clock, so that they stop at the same iteration
             run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
             if len(losses) % LOSS_DISPLAY_EVERY == 1:
-                bar.set_postfix(loss=f"{float(losses[-1]):.3f}", lr=f"{lr:.2e}", progress=f"{run.progress():.0%}")
+                done = run.progress()
+                eta = runlog.format_eta(run.state.seconds * (1 - done) / done if done > 0 else float("nan"))
+                bar.set_postfix(loss=f"{float(losses[-1]):.3f}", lr=f"{lr:.2e}", progress=f"{done:.0%}", run_eta=eta)
             if run.state.snapshots < len(ends) and run.progress() >= ends[run.state.snapshots] - 1e-12:
                 take_snapshot(run, epoch)
             if run.progress() >= 1.0:
@@ -444,21 +466,28 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
         train_loss = distributed.mean_over_ranks(float(torch.stack(losses).mean()) if losses else math.nan)
         if not main:
             continue
+        improved = update_ema_dice(run.state, metrics["mean_dice"])
         row = {
             "epoch": epoch,
             "iteration": run.state.iteration,
             "train_loss": train_loss,
             **metrics,
+            "ema_dice": run.state.ema_dice,
             "lr": lr,
             "epoch_seconds": round(time.perf_counter() - started, 2),
             "elapsed_seconds": round(run.state.seconds, 2),
         }
         runlog.append_row(run.run_dir / "log.csv", row)
         runlog.plot_progress(run.run_dir / "log.csv", run.run_dir / "progress.png")
-        save_checkpoint(run.run_dir / LATEST, _checkpoint(run))
-        tqdm.write(
+        checkpoint = _checkpoint(run)
+        save_checkpoint(run.run_dir / LATEST, checkpoint)
+        if improved:
+            save_checkpoint(run.run_dir / BEST, checkpoint)
+        runlog.say(
+            run.run_dir,
             f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-            f"pseudo-Dice {metrics['mean_dice']:.4f}, lr {lr:.2e}, {row['epoch_seconds']} s"
+            f"pseudo-Dice {metrics['mean_dice']:.4f} (EMA {run.state.ema_dice:.4f}{', best' if improved else ''}), "
+            f"lr {lr:.2e}, {row['epoch_seconds']} s",
         )
     if main:
         save_checkpoint(run.run_dir / FINAL, _checkpoint(run))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,7 @@ LOG_COLUMNS = [
     "dice_1",
     "dice_2",
     "mean_dice",
+    "ema_dice",
     "lr",
     "epoch_seconds",
     "elapsed_seconds",
@@ -154,6 +156,26 @@ def test_cli_chain_synth_plan_preprocess_train_predict_evaluate(tmp_path: Path) 
     for c in evaluated["per_case"]:
         for value in c["dice"].values():
             assert value is None or 0.0 <= value <= 1.0
+
+    # the best checkpoint follows nnU-Net's moving average: ema_0 = d_0, ema_1 = 0.9 d_0 + 0.1 d_1
+    d0, d1 = (float(r["mean_dice"]) for r in rows)
+    assert float(rows[0]["ema_dice"]) == pytest.approx(d0)
+    assert float(rows[1]["ema_dice"]) == pytest.approx(0.9 * d0 + 0.1 * d1)
+    best = load_checkpoint(run_dir / "checkpoint_best.pt")
+    assert best["state"]["epoch"] == (2 if 0.9 * d0 + 0.1 * d1 > d0 else 1)
+    # train.log: every line the console showed, timestamped
+    log_lines = (run_dir / "train.log").read_text().splitlines()
+    assert any("epoch 1: loss" in line for line in log_lines) and any(
+        "fold 0: 6 iterations" in line for line in log_lines
+    )
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in log_lines)
+
+    # predict without --folds takes every trained fold (here fold 0), --checkpoint best its best weights
+    again = tmp_path / "pred_best"
+    ok(run_cli("predict", "-i", data / "imagesTs", "-o", again, "-m", work, "--checkpoint", "best", "--no-tta"))
+    assert sorted(p.name for p in again.glob("*.nii.gz")) == [p.name for p in inputs]
+    refused = run_cli("predict", "-i", data / "imagesTs", "-o", again, "-m", work, "--step", "0")
+    assert refused.exit_code == 2 and "--step" in refused.output and "0<x<=1" in refused.output
 
 
 # ------------------------------------------------------------------------------------------ resume
