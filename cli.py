@@ -148,6 +148,8 @@ def _folds(value: str) -> list[int]:
 )
 @click.option("--time-budget", type=POSITIVE, default=None, help="Seconds; the schedule runs over wall-clock time.")
 @click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
+@click.option("--optimizer", default=None, help="Optimizer: sgd (default, nnU-Net's) or adamw.")
+@click.option("--loss", default=None, help="Loss: dice_ce (default) or dice_topk.")
 @click.option("--lr", "initial_lr", type=POSITIVE, default=None, help="Initial learning rate (default 0.01).")
 @click.option(
     "--cycles",

@@ -24,7 +24,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from monai.networks.nets import DynUNet
 
-    from segpipe.networks.build import NativeHeadsDynUNet, deep_supervision_weights
+    from segpipe.networks.build import deep_supervision_weights
+    from segpipe.networks.dynunet import NativeHeadsDynUNet
     from segpipe.training.losses import DiceCE, downsample_target
 
     torch.manual_seed(0)

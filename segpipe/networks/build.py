@@ -1,35 +1,21 @@
-"""The network: MONAI's DynUNet built from a plan's topology.
+"""The bridge from plans to a model: the registered network a configuration names, for its topology.
 
-``build_network`` is the one bridge between plans and the model; the model itself knows nothing
-about plans. Input channels are the image channels plus ``extra_in_channels`` (the cascade's one-hot
+``build_network`` is the one bridge between plans and the model; the models themselves know nothing
+about plans (:mod:`segpipe.networks.registry` lists what is registered: ``dynunet``, the default,
+``resenc``, ``segresnet``). Input channels are the image channels plus ``extra_in_channels`` (the cascade's one-hot
 previous-stage segmentation), so the cascade needs no other network code. A 2d configuration gets a
-2D DynUNet inside :class:`SliceNetwork`, which takes and returns 3D tensors like every other model, so
+2D network inside :class:`SliceNetwork`, which takes and returns 3D tensors like every other model, so
 sampling, loss, sliding windows and mirroring need no 2d code path.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import DynUNet
 from torch import nn
 
+from segpipe.networks import dynunet, segresnet  # noqa: F401 - registers the built-in networks
+from segpipe.networks.registry import NETWORKS, NetworkInput
 from segpipe.planning.plans import Configuration
-
-
-class NativeHeadsDynUNet(DynUNet):
-    """MONAI's DynUNet whose deep-supervision heads stay at their own resolution.
-
-    In training with deep supervision the output is a tuple of logits, full resolution first, each
-    head at its decoder level's size: nnU-Net's way (the targets are downsampled, see
-    :mod:`segpipe.training.losses`), instead of MONAI's stack of heads upsampled to full size, which
-    stores ``heads x classes`` full-size tensors (and their softmax and gradients) per batch.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        out = self.output_block(self.skip_layers(x))
-        if self.training and self.deep_supervision:
-            return (out, *self.heads)
-        return out
 
 
 class SliceNetwork(nn.Module):
@@ -64,35 +50,33 @@ def build_network(
     deep_supervision: bool = True,
     extra_in_channels: int = 0,
 ) -> nn.Module:
-    """A U-Net with per-stage kernels/strides/features from ``config.topology``.
+    """The registered network ``config.network`` names, built for the configuration's topology.
 
-    Instance norm (affine), leaky ReLU (0.01), two convolutions per stage as nnU-Net. In training
-    mode with deep supervision the output is a tuple: the full-resolution logits ``(B, C, X, Y, Z)``
-    first, then every decoder level but the lowest at its own size (nnU-Net's ``_build_loss`` gives
-    that lowest level weight 0, so it is not built); in eval mode ``(B, C, X, Y, Z)``.
-    A 2d configuration (``slice_axis`` set) gives a 2D DynUNet in a :class:`SliceNetwork`.
+    Input channels are the image channels plus ``extra_in_channels`` (the cascade's one-hot stage-1
+    channels). In training with deep supervision the output is a tuple: the full-resolution logits
+    ``(B, C, X, Y, Z)`` first, then every decoder level but the lowest at its own size (nnU-Net's
+    ``_build_loss`` gives the lowest weight 0, so it is not built); in eval mode ``(B, C, X, Y, Z)``.
+    A 2d configuration (``slice_axis`` set) gets the 2D network inside a :class:`SliceNetwork`.
     """
     topo = config.topology
-    # decoder levels below full resolution: num_stages - 2; the lowest of them has weight 0 in nnU-Net
-    num_ds = topo.num_stages - 3 if deep_supervision else 0
     kernels, strides = topo.kernel_sizes, topo.strides
     if config.is_2d:  # drop the sliced axis: a 2D network on the other two
         kernels = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in kernels]
         strides = [[k for a, k in enumerate(ks) if a != config.slice_axis] for ks in strides]
-    net = NativeHeadsDynUNet(
+    spec = NetworkInput(
         spatial_dims=2 if config.is_2d else 3,
         in_channels=in_channels + extra_in_channels,
         out_channels=num_classes,
-        kernel_size=kernels,
+        kernel_sizes=kernels,
         strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=topo.features,
-        norm_name=("INSTANCE", {"affine": True}),
-        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-        deep_supervision=num_ds > 0,
-        deep_supr_num=max(1, num_ds),
-        res_block=False,
+        features=topo.features,
+        deep_supervision=deep_supervision,
+        patch=[p for a, p in enumerate(config.patch_size) if a != config.slice_axis],
     )
+    try:
+        net = NETWORKS.get(config.network.name)(spec, **config.network.kwargs)
+    except TypeError as exc:  # an argument the builder does not take
+        raise ValueError(f"network {config.network.name!r}: {exc}") from exc
     return SliceNetwork(net, config.slice_axis) if config.is_2d else net
 
 

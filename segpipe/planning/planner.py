@@ -21,6 +21,7 @@ from segpipe.planning.plans import (
     LOWRES,
     TWO_D,
     Configuration,
+    NetworkSpec,
     Normalization,
     PlannerPreset,
     Plans,
@@ -334,6 +335,8 @@ def plan_dataset(
         cascade = from_dict(Configuration, {**to_dict(fullres), "name": CASCADE, "previous_stage": LOWRES})
         configurations[LOWRES] = lowres
         configurations[CASCADE] = cascade
+    for config in configurations.values():
+        config.network = from_dict(NetworkSpec, to_dict(preset.network))
     training = from_dict(TrainingSettings, {**to_dict(TrainingSettings()), **preset.training})
     return Plans(
         dataset_name=fp.dataset_name,

@@ -61,6 +61,15 @@ class Topology:
 
 
 @dataclass
+class NetworkSpec:
+    """Which registered network a configuration trains, with its extra arguments (the topology comes
+    from :class:`Topology`)."""
+
+    name: str = "dynunet"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Configuration:
     """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``).
 
@@ -78,6 +87,7 @@ class Configuration:
     previous_stage: str | None = None  # the cascade's stage-1 configuration
     slice_axis: int | None = None  # 2d: the axis the volume is sliced along; None for 3d
     batch_dice: bool = False  # Dice summed over the batch (True) or per sample, as nnU-Net's planner chooses
+    network: NetworkSpec = field(default_factory=NetworkSpec)
 
     @property
     def is_2d(self) -> bool:
@@ -91,7 +101,8 @@ class TrainingSettings:
     epochs: int = 1000
     iters_per_epoch: int = 250
     val_iters: int = 50
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # a name in segpipe.training.optimizers.OPTIMIZERS
+    loss: str = "dice_ce"  # a name in segpipe.training.losses.LOSSES
     initial_lr: float = 0.01
     momentum: float = 0.99
     weight_decay: float = 3e-5
@@ -143,6 +154,7 @@ class PlannerPreset:
     cascade_coverage_threshold: float = 0.25
     lowres_spacing_step: float = 1.03
     anisotropy_threshold: float = 3.0
+    network: NetworkSpec = field(default_factory=NetworkSpec)  # for every configuration
     training: dict[str, Any] = field(default_factory=dict)  # overrides of TrainingSettings fields
 
 

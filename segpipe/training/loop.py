@@ -48,6 +48,7 @@ from segpipe.runs.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snap
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo
 from segpipe.training.losses import build_loss
+from segpipe.training.optimizers import OPTIMIZERS
 from segpipe.training.sampling import PatchBatches, SamplerSpec, make_loader
 from segpipe.training.schedules import cycle_ends, learning_rate, training_progress
 
@@ -162,13 +163,7 @@ def setup(
         model = model.to(memory_format=torch.channels_last_3d)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels once
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.initial_lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov,
-    )
+    optimizer = OPTIMIZERS.get(settings.optimizer)(model.parameters(), settings)
     amp = amp_dtype_for(dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
 
@@ -189,7 +184,7 @@ def setup(
         config=config,
         settings=settings,
         model=model,
-        loss=build_loss(config.batch_dice, plans.ignore_class, plans.region_classes),
+        loss=build_loss(settings.loss, config.batch_dice, plans.ignore_class, plans.region_classes),
         optimizer=optimizer,
         scaler=scaler,
         device=dev,

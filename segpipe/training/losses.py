@@ -14,12 +14,13 @@ mask in both terms, which MONAI's Dice losses do not accept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segpipe.core.registry import Registry
 from segpipe.networks.build import deep_supervision_weights
 
 SMOOTH = 1e-5
@@ -42,15 +43,22 @@ def soft_dice_loss(
 
 class DiceCE(nn.Module):
     """Soft Dice of the foreground classes + cross-entropy, on ``logits (B, C, ...)`` and class-index
-    ``target (B, 1, ...)``; target value ``ignore_class`` (if set) is masked out of both."""
+    ``target (B, 1, ...)``; target value ``ignore_class`` (if set) is masked out of both. ``top_k``
+    (a fraction): the cross-entropy of only the hardest voxels (nnU-Net's ``DC_and_topk_loss``, 10%)."""
 
     def __init__(
-        self, batch_dice: bool, ignore_class: int | None = None, weight_ce: float = 1.0, weight_dice: float = 1.0
+        self,
+        batch_dice: bool,
+        ignore_class: int | None = None,
+        weight_ce: float = 1.0,
+        weight_dice: float = 1.0,
+        top_k: float | None = None,
     ):
         super().__init__()
         self.batch_dice = batch_dice
         self.ignore_class = ignore_class
         self.weight_ce, self.weight_dice = weight_ce, weight_dice  # nnU-Net's DC_and_CE_loss weights
+        self.top_k = top_k
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target = logits.float(), target.long()
@@ -66,7 +74,14 @@ class DiceCE(nn.Module):
         ce_target = target[:, 0] if mask is None else torch.where(mask[:, 0], target[:, 0], -100)
         if mask is not None and not bool(mask.any()):
             return self.weight_dice * dice  # nnU-Net: no cross-entropy when the whole batch is ignored
-        return self.weight_ce * F.cross_entropy(logits, ce_target, ignore_index=-100) + self.weight_dice * dice
+        if self.top_k is None:
+            ce = F.cross_entropy(logits, ce_target, ignore_index=-100)
+        else:  # nnunetv2/training/loss/robust_ce_loss.py TopKLoss: mean CE of the k% largest voxel losses
+            per_voxel = F.cross_entropy(logits, ce_target, ignore_index=-100, reduction="none").flatten()
+            if mask is not None:
+                per_voxel = per_voxel[mask[:, 0].flatten()]
+            ce = per_voxel.topk(max(1, int(per_voxel.numel() * self.top_k)), sorted=False).values.mean()
+        return self.weight_ce * ce + self.weight_dice * dice
 
 
 class RegionDiceBCE(nn.Module):
@@ -124,10 +139,30 @@ class DeepSupervisionLoss(nn.Module):
         )
 
 
-def build_loss(
-    batch_dice: bool, ignore_class: int | None = None, region_classes: Sequence[Sequence[int]] | None = None
-) -> nn.Module:
-    """The training loss of a configuration over the heads: Dice + CE, or Dice + BCE for regions."""
+LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", entry_point_group="segpipe.losses")
+
+
+@LOSSES.register("dice_ce")
+def dice_ce(batch_dice: bool, ignore_class: int | None, region_classes: Sequence[Sequence[int]] | None) -> nn.Module:
+    """nnU-Net's default: Dice + cross-entropy, or Dice + BCE for regions."""
     if region_classes:
-        return DeepSupervisionLoss(RegionDiceBCE(batch_dice, region_classes, ignore_class))
-    return DeepSupervisionLoss(DiceCE(batch_dice, ignore_class))
+        return RegionDiceBCE(batch_dice, region_classes, ignore_class)
+    return DiceCE(batch_dice, ignore_class)
+
+
+@LOSSES.register("dice_topk")
+def dice_topk(batch_dice: bool, ignore_class: int | None, region_classes: Sequence[Sequence[int]] | None) -> nn.Module:
+    """nnU-Net's ``nnUNetTrainerDiceTopK10Loss``: Dice + the cross-entropy of the hardest 10% of voxels."""
+    if region_classes:
+        raise ValueError("loss 'dice_topk' is for label training; regions train with 'dice_ce' (Dice + BCE)")
+    return DiceCE(batch_dice, ignore_class, top_k=0.10)
+
+
+def build_loss(
+    name: str,
+    batch_dice: bool,
+    ignore_class: int | None = None,
+    region_classes: Sequence[Sequence[int]] | None = None,
+) -> nn.Module:
+    """The training loss ``name`` (see :data:`LOSSES`) over the deep-supervision heads."""
+    return DeepSupervisionLoss(LOSSES.get(name)(batch_dice, ignore_class, region_classes))

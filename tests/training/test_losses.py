@@ -89,7 +89,7 @@ def test_heads_at_their_own_resolution_and_the_weighted_sum() -> None:
     heads = net(torch.randn(2, 1, 32, 32, 32))
     assert isinstance(heads, tuple) and [h.shape[2:] for h in heads] == [(32,) * 3, (16,) * 3, (8,) * 3]
     target = torch.randint(0, 3, (2, 1, 32, 32, 32))
-    loss = build_loss(batch_dice=False)(heads, target)
+    loss = build_loss("dice_ce", batch_dice=False)(heads, target)
     parts = [DiceCE(False)(h, downsample_target(target, h.shape[2:])) for h in heads]
     loss, parts = loss.detach(), [p.detach() for p in parts]
     assert float(loss) == pytest.approx(sum(w * float(p) for w, p in zip([4 / 7, 2 / 7, 1 / 7], parts)), rel=1e-5)

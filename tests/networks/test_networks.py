@@ -1,0 +1,133 @@
+"""Networks, optimizers and losses by name: every registered network in 2D and 3D, unknown names
+refused with the list, and a network registered from this file trained through the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from conftest import run_cli
+from torch import nn
+
+from segpipe.core.atomic import read_json, write_json
+from segpipe.networks.build import build_network
+from segpipe.networks.registry import NETWORKS, NetworkInput
+from segpipe.planning.plans import Configuration, NetworkSpec, Topology, load_preset
+from segpipe.runs.checkpoint import FINAL, load_checkpoint
+from segpipe.training.losses import DiceCE, build_loss
+from segpipe.training.optimizers import OPTIMIZERS
+
+TOPO_3D = Topology([[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [8, 16, 16, 16])
+TOPO_2D = Topology([[3, 1, 3]] * 4, [[1, 1, 1]] + [[2, 1, 2]] * 3, [8, 16, 16, 16])
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result.output
+
+
+@pytest.mark.parametrize("name", ["dynunet", "resenc", "segresnet"])
+@pytest.mark.parametrize("two_d", [False, True])
+def test_registered_networks_in_2d_and_3d(name: str, two_d: bool) -> None:
+    patch = [32, 1, 24] if two_d else [32, 32, 24]
+    config = Configuration(
+        "2d" if two_d else "3d_fullres",
+        [1, 1, 1],
+        [32, 32, 24],
+        patch,
+        2,
+        TOPO_2D if two_d else TOPO_3D,
+        "3d_fullres",
+        slice_axis=1 if two_d else None,
+        network=NetworkSpec(name),
+    )
+    net = build_network(config, 1, 3, deep_supervision=True, extra_in_channels=2).train()
+    x = torch.randn(2, 3, 32, 5 if two_d else 32, 24)  # 1 image + 2 cascade channels; 2d: 5 slices at once
+    out = net(x)
+    heads = out if isinstance(out, tuple) else (out,)
+    assert heads[0].shape == (2, 3, *x.shape[2:])
+    for i, head in enumerate(heads[1:], start=1):  # lower heads at their own resolution (2d: slices kept)
+        expected = [s // 2**i if not (two_d and a == 1) else s for a, s in enumerate(x.shape[2:])]
+        assert list(head.shape[2:]) == expected
+    assert net.eval()(x).shape == (2, 3, *x.shape[2:])
+
+
+def test_unknown_names_are_refused_with_the_list() -> None:
+    config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec("unet9"))
+    with pytest.raises(KeyError, match="unknown network 'unet9'; known: .*dynunet, resenc, segresnet"):
+        build_network(config, 1, 2)
+    with pytest.raises(KeyError, match="unknown optimizer 'lion'; known: adamw, sgd"):
+        OPTIMIZERS.get("lion")
+    with pytest.raises(KeyError, match="unknown loss 'dice_focal'; known: dice_ce, dice_topk"):
+        build_loss("dice_focal", True)
+    with pytest.raises(ValueError, match="network 'dynunet'"):
+        build_network(
+            Configuration(
+                "3d_fullres", [1] * 3, [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec("dynunet", {"depth": 3})
+            ),
+            1,
+            2,
+        )
+
+
+def test_dice_topk_takes_the_hardest_tenth() -> None:
+    """nnU-Net's TopKLoss(k=10): the mean cross-entropy of the 10% largest voxel losses, worked by hand."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 2, 10, 10, 1)).astype(np.float32)
+    target = rng.integers(0, 2, size=(1, 1, 10, 10, 1))
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    per_voxel = -np.take_along_axis(logp, target, axis=1).ravel()
+    top = np.sort(per_voxel)[-10:].mean()  # 10% of 100 voxels
+    t = torch.from_numpy(target)
+    dice_only = float(DiceCE(True, weight_ce=0.0)(torch.from_numpy(logits), t))
+    assert float(DiceCE(True, top_k=0.1)(torch.from_numpy(logits), t)) == pytest.approx(top + dice_only, rel=1e-5)
+
+
+class Tiny(nn.Module):
+    """Two convolutions: the smallest network that trains through segpipe's loop."""
+
+    def __init__(self, net: NetworkInput, width: int = 4):
+        super().__init__()
+        conv = nn.Conv3d if net.spatial_dims == 3 else nn.Conv2d
+        self.body = nn.Sequential(
+            conv(net.in_channels, width, 3, padding=1), nn.LeakyReLU(), conv(width, net.out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_registered():
+    if "tiny_test" not in NETWORKS:
+        NETWORKS.register("tiny_test")(Tiny)  # the README's "Extending segpipe": one function, one line
+    return "tiny_test"
+
+
+def test_a_network_registered_here_trains_and_predicts_through_the_cli(
+    tiny_registered: str, synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    ok(run_cli("preprocess", synthetic_dataset, "-o", work, "--preset", "cpu", "--workers", 1))
+    plans = read_json(work / "plans.json")
+    plans["configurations"]["3d_fullres"]["network"] = {"name": tiny_registered, "kwargs": {"width": 6}}
+    write_json(work / "plans.json", plans)
+    args = "--fold 0 --epochs 1 --iters-per-epoch 2 --val-iters 1 --num-folds 2 --workers 0 --device cpu --no-val-tta"
+    ok(run_cli("train", work, *args.split(), "--optimizer", "adamw", "--lr", "0.001", "--loss", "dice_topk"))
+    ckpt = load_checkpoint(work / "3d_fullres" / "fold_0" / FINAL)
+    assert ckpt["state"]["iteration"] == 2
+    assert ckpt["model"]["body.0.weight"].shape[0] == 6  # the kwargs from the plans reached the builder
+    assert ckpt["settings"]["optimizer"] == "adamw" and "exp_avg" in str(ckpt["optimizer"]["state"])
+    ok(run_cli("predict", "-i", synthetic_dataset / "imagesTr", "-o", tmp_path / "pred", "-m", work, "--no-tta"))
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 6
+
+
+def test_resenc_preset_selects_resenc(synthetic_dataset: Path, tmp_path: Path) -> None:
+    assert load_preset("resenc").network == NetworkSpec("resenc", {})
+    work = tmp_path / "work"
+    ok(run_cli("plan", Path(shutil.copytree(synthetic_dataset, tmp_path / "d")), "-o", work, "--preset", "resenc"))
+    assert {c["network"]["name"] for c in read_json(work / "plans.json")["configurations"].values()} == {"resenc"}
