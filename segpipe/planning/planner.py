@@ -149,15 +149,25 @@ def plan_topology(
     return Topology(kernel_sizes=kernels, strides=strides, features=features)
 
 
-def estimate_memory_bytes(patch: list[int], topology: Topology, batch_size: int) -> float:
-    """Estimated training activation memory for one batch (see BYTES_PER_FEATURE_VOXEL)."""
+# What the loss keeps per class and voxel of every deep-supervision head: the logits in float32, their
+# softmax and the one-hot target (segpipe.training.losses computes in float32), and the two gradients.
+BYTES_PER_HEAD_CLASS_VOXEL = 24
+
+
+def estimate_memory_bytes(patch: list[int], topology: Topology, batch_size: int, num_classes: int = 0) -> float:
+    """Estimated training memory for one batch: the activations (see BYTES_PER_FEATURE_VOXEL) plus, with
+    ``num_classes`` outputs, what the loss stores for the heads actually built (full resolution and
+    every decoder level but the lowest, each at its own resolution; see BYTES_PER_HEAD_CLASS_VOXEL)."""
     voxels = float(np.prod(patch))
     total = 0.0
     scale = np.ones(len(patch))
+    level_voxels = []
     for stride, feat in zip(topology.strides, topology.features):
         scale = scale * np.array(stride)
-        total += voxels / float(np.prod(scale)) * feat
-    return total * BYTES_PER_FEATURE_VOXEL * batch_size
+        level_voxels.append(voxels / float(np.prod(scale)))
+        total += level_voxels[-1] * feat
+    heads = level_voxels[: max(topology.num_stages - 2, 1)]
+    return (total * BYTES_PER_FEATURE_VOXEL + sum(heads) * num_classes * BYTES_PER_HEAD_CLASS_VOXEL) * batch_size
 
 
 def _round_up(patch: np.ndarray, divisor: list[int]) -> list[int]:
@@ -179,6 +189,7 @@ def _plan_patch(
     max_patch: float,
     max_features: int,
     max_stages: int,
+    num_classes: int = 0,
 ) -> _Planned:
     """Patch, topology and batch on 2 or 3 axes (nnU-Net's ``get_plans_for_configuration`` with
     segpipe's memory model): an isotropic-in-mm patch of ``max_patch`` voxels, no larger than the
@@ -199,7 +210,7 @@ def _plan_patch(
     padded = _round_up(patch, topology.divisor())
 
     def too_big(p: list[int]) -> bool:
-        over_memory = estimate_memory_bytes(p, topology, preset.min_batch_size) > budget
+        over_memory = estimate_memory_bytes(p, topology, preset.min_batch_size, num_classes) > budget
         over_compute = bool(preset.max_batch_voxels) and np.prod(p) * preset.min_batch_size > preset.max_batch_voxels
         return over_memory or over_compute
 
@@ -214,7 +225,7 @@ def _plan_patch(
         patch[axis] -= divisor[axis]
         topology = topology_for(patch)
         padded = _round_up(patch, topology.divisor())
-    per_sample = estimate_memory_bytes(padded, topology, 1)
+    per_sample = estimate_memory_bytes(padded, topology, 1, num_classes)
     batch = int(np.clip(budget // per_sample, preset.min_batch_size, preset.max_batch_size))
     if preset.max_batch_voxels:
         batch = min(batch, int(preset.max_batch_voxels // np.prod(padded)))
@@ -231,10 +242,19 @@ def plan_configuration(
     dataset_voxels: float,
     preset: PlannerPreset,
     data_identifier: str | None = None,
+    num_classes: int = 0,
 ) -> Configuration:
-    """A 3d configuration: patch, topology and batch size for one spacing, within the preset's budgets."""
+    """A 3d configuration: patch, topology and batch size for one spacing, within the preset's budgets
+    (``num_classes``: network outputs, for the memory the loss takes)."""
     planned = _plan_patch(
-        spacing, median_shape, dataset_voxels, preset, preset.max_patch_voxels, preset.max_features, preset.max_stages
+        spacing,
+        median_shape,
+        dataset_voxels,
+        preset,
+        preset.max_patch_voxels,
+        preset.max_features,
+        preset.max_stages,
+        num_classes,
     )
     return Configuration(
         name=name,
@@ -247,7 +267,9 @@ def plan_configuration(
     )
 
 
-def plan_2d(fullres: Configuration, dataset_voxels: float, preset: PlannerPreset) -> Configuration:
+def plan_2d(
+    fullres: Configuration, dataset_voxels: float, preset: PlannerPreset, num_classes: int = 0
+) -> Configuration:
     """The 2d configuration: slices of the 3d_fullres data along its coarsest axis.
 
     As nnU-Net's ``plan_experiment`` plans 2d: the in-plane spacing and median shape of 3d_fullres, an
@@ -264,6 +286,7 @@ def plan_2d(fullres: Configuration, dataset_voxels: float, preset: PlannerPreset
         preset.max_patch_pixels_2d,
         preset.max_features_2d,
         preset.max_stages_2d,
+        num_classes,
     )
 
     def embed(values: list[int]) -> list[int]:
@@ -293,7 +316,9 @@ def _dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
     return float(np.prod(median_shape_at(fp, spacing))) * len(fp.cases)
 
 
-def plan_lowres(fp: Fingerprint, fullres: Configuration, preset: PlannerPreset) -> Configuration | None:
+def plan_lowres(
+    fp: Fingerprint, fullres: Configuration, preset: PlannerPreset, num_classes: int = 0
+) -> Configuration | None:
     """Coarsen the spacing in steps of ``lowres_spacing_step`` until the patch covers enough of the
     median case; None when the full-res patch already covers it (no cascade needed)."""
     threshold = preset.cascade_coverage_threshold
@@ -304,7 +329,8 @@ def plan_lowres(fp: Fingerprint, fullres: Configuration, preset: PlannerPreset) 
         coarse = spacing < spacing.max()
         spacing = spacing * np.where(coarse if coarse.any() else True, preset.lowres_spacing_step, 1.0)
         median = median_shape_at(fp, list(spacing))
-        config = plan_configuration(LOWRES, list(spacing), median, _dataset_voxels(fp, list(spacing)), preset)
+        voxels = _dataset_voxels(fp, list(spacing))
+        config = plan_configuration(LOWRES, list(spacing), median, voxels, preset, num_classes=num_classes)
         if np.prod(config.patch_size) / np.prod(median) >= threshold:
             return config
     return None
@@ -322,12 +348,13 @@ def plan_dataset(
     spacing = target_spacing(fp, preset.anisotropy_threshold)
     median = median_shape_at(fp, spacing)
     voxels = _dataset_voxels(fp, spacing)
-    fullres = plan_configuration(FULLRES, spacing, median, voxels, preset)
-    lowres = plan_lowres(fp, fullres, preset)
+    outputs = len(regions) if regions else len(labels)  # the network's output channels
+    fullres = plan_configuration(FULLRES, spacing, median, voxels, preset, num_classes=outputs)
+    lowres = plan_lowres(fp, fullres, preset, outputs)
     # nnU-Net's batch_dice (``plan_experiment``): 2d yes, 3d_lowres no, 3d_fullres (and so the cascade)
     # only when a 3d_lowres exists
     fullres.batch_dice = lowres is not None
-    two_d = plan_2d(fullres, voxels, preset)
+    two_d = plan_2d(fullres, voxels, preset, outputs)
     two_d.batch_dice = True
     configurations = {TWO_D: two_d, FULLRES: fullres}
     if lowres is not None:

@@ -446,6 +446,8 @@ def test_2d_plan_follows_nnunet_rule(preset: PlannerPreset) -> None:
     # batch: segpipe's memory model, 48 bytes per feature-pixel summed over the stages (pixels / 4 per
     # pool), within 10 GB; then nnU-Net's cap of 5% of the dataset's voxels and the preset's maximum 64
     per_sample = 48 * 320 * 320 * sum(f / 4**i for i, f in enumerate([32, 64, 128, 256, 512, 512, 512]))
+    # + the loss's 24 B per class and voxel of the 5 heads built (7 stages: all levels but the two lowest)
+    per_sample += 24 * len(LABELS) * 320 * 320 * sum(1 / 4**i for i in range(5))
     by_memory = int(10 * 1024**3 // per_sample)
     cap = int(0.05 * 10 * 300 * 260 * 30 // (320 * 320))
     assert two_d.batch_size == max(2, min(by_memory, 64, cap))
