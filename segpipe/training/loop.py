@@ -387,6 +387,10 @@ def train_batches(run: TrainingRun, epoch: int) -> PatchBatches:
     )
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 EMA_MOMENTUM = 0.9  # nnU-Net's ema_fg_dice: 0.9 x previous + 0.1 x this epoch's pseudo-Dice
 
 
@@ -481,7 +485,7 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
         runlog.say(
             run.run_dir,
             f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-            f"pseudo-Dice {metrics['mean_dice']:.4f} (EMA {run.state.ema_dice:.4f}{', best' if improved else ''}), "
+            f"pseudo-Dice {metrics['mean_dice']:.4f} (EMA {_fmt(run.state.ema_dice)}{', best' if improved else ''}), "
             f"lr {lr:.2e}, {row['epoch_seconds']} s",
         )
     if main:
