@@ -18,6 +18,12 @@ def _workers(value: int | None) -> int:
 
 
 def _fail(exc: Exception) -> None:
+    """Exit 1 with the error in one line; with ``--verbose`` (before the command) its traceback first."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("verbose"):
+        import traceback
+
+        click.echo("".join(traceback.format_exception(exc)), err=True)
     click.echo(f"error: {exc}", err=True)
     sys.exit(1)
 
@@ -27,7 +33,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 
 @click.group()
 @click.version_option(package_name="segpipe")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="On failure, print the traceback too (segpipe --verbose COMMAND ...).")
+def main(verbose: bool) -> None:
     """segpipe: plan, preprocess, train, predict and evaluate 3D segmentation (NIfTI in, NIfTI out)."""
 
 

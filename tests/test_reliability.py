@@ -629,3 +629,25 @@ def test_large_volume_peak_host_memory(model_work: Path, tmp_path: Path) -> None
     assert (tmp_path / "out_big" / "ct.nii.gz").is_file()
     print(f"peak {peak:.0f} MB, baseline {baseline:.0f} MB, volume {volume_mb:.0f} MB")
     assert peak <= baseline + BIG_VOLUMES_ALLOWED * volume_mb, (peak, baseline, volume_mb)
+
+
+def test_amp_dtype_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 only from compute capability 8.0 (fake device properties: no GPU here), fp16 below, none on CPU."""
+    import segpipe.inference.predict as predict
+
+    for capability, expected in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(predict.torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert predict.amp_dtype_for(torch.device("cuda")) == expected
+    monkeypatch.setattr(predict.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation does not count
+    monkeypatch.setattr(predict.torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert predict.amp_dtype_for(torch.device("cuda")) == torch.float16
+    assert predict.amp_dtype_for(torch.device("cpu")) is None
+
+
+def test_verbose_prints_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing"
+    quiet = run_cli("plan", missing, "-o", tmp_path / "w")
+    loud = run_cli("--verbose", "plan", missing, "-o", tmp_path / "w")
+    assert quiet.exit_code == loud.exit_code == 1
+    assert "Traceback" not in quiet.output and "error:" in quiet.output
+    assert "Traceback (most recent call last)" in loud.output and loud.output.rstrip().endswith(quiet.output.rstrip())

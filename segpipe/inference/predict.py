@@ -85,11 +85,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# bf16 runs natively from compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() is also true
+# on older GPUs that only emulate it, slowly
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 otherwise; full precision on the CPU."""
+    """bf16 where the GPU computes it natively (compute capability >= 8.0), fp16 (with a gradient scaler
+    in training) otherwise; full precision on the CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+    return torch.bfloat16 if native else torch.float16
 
 
 def restore_geometry(probs: torch.Tensor, pre: PreprocessedCase, softmax: bool = True) -> np.ndarray:
