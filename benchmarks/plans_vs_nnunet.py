@@ -21,7 +21,7 @@ from typing import Any
 
 from run import SEGPIPE, NnUNet, find_nnunet_bin, run_timed, scratch_folder
 
-FIELDS = ("spacing", "patch", "batch", "strides", "kernels", "features", "slice_axis")
+FIELDS = ("spacing", "patch", "batch", "strides", "kernels", "features", "slice_axis", "batch_dice")
 
 
 def msd_copy_for_nnunet(data: Path, root: Path, dataset_id: int) -> Path:
@@ -60,6 +60,7 @@ def segpipe_record(config: dict[str, Any]) -> dict[str, Any]:
         "kernels": [in_plane(k) for k in topo["kernel_sizes"]],
         "features": topo["features"],
         "slice_axis": axis,
+        "batch_dice": config.get("batch_dice"),
     }
 
 
@@ -125,11 +126,9 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> list[dict[str, Any]
 def markdown(dataset: str, records: list[dict[str, Any]]) -> str:
     lines = [f"### {dataset}", "", "| configuration | field | segpipe | nnU-Net v2 |", "|---|---|---|---|"]
     for r in records:
-        for field in (*FIELDS, "batch_dice"):
+        for field in FIELDS:
             a = (r["segpipe"] or {}).get(field, "—")
             b = (r["nnunet"] or {}).get(field, "—")
-            if field == "batch_dice" and a == "—" and b in ("—", None):
-                continue
             mark = "" if a == b else " ≠"
             lines.append(f"| {r['config']} | {field}{mark} | {a} | {b} |")
     return "\n".join(lines)
