@@ -158,7 +158,7 @@ def test_ddp_training_matches_one_process_with_the_global_batch(prepared_work: P
 
     # segpipe train in the ranks: rank 0 alone writes, validation is shared and complete
     assert r0["cli_exit"] == r1["cli_exit"] == 0
-    assert r0["writes"] == {"checkpoint": 2, "log_row": 1, "plot": 1}  # latest + final
+    assert r0["writes"] == {"checkpoint": 3, "log_row": 1, "plot": 1}  # latest, best (first epoch) + final
     assert r1["writes"] == {}
     run_dir = work / CONFIG / "fold_0"
     assert (run_dir / LATEST).is_file() and (run_dir / "progress.png").is_file()
