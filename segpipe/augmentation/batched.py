@@ -135,9 +135,8 @@ def mask_outside(images: Tensor, labels: Tensor, num_image_channels: int) -> tup
     """Image channels set to 0 where the label marks "outside the non-zero mask" (< 0), that marker then
     made background: nnU-Net's MaskImageTransform + RemoveLabelTransform(-1, 0), after every other
     transform (it, too, masks every image channel). Works on one sample or a batch."""
+    # no "if any": reading that back would wait for the device on every training step
     outside = labels < 0
-    if not bool(outside.any()):
-        return images, labels
     images = images.clone()
     images[..., :num_image_channels, :, :, :] = images[..., :num_image_channels, :, :, :].masked_fill(outside, 0)
     return images, labels.clamp_min(0)

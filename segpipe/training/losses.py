@@ -72,15 +72,17 @@ class DiceCE(nn.Module):
         m = mask.to(logits.dtype) if mask is not None else None
         dice = soft_dice_loss(probs[:, 1:], onehot[:, 1:], m, self.batch_dice) if num_classes > 1 else logits.sum() * 0
         ce_target = target[:, 0] if mask is None else torch.where(mask[:, 0], target[:, 0], -100)
-        if mask is not None and not bool(mask.any()):
-            return self.weight_dice * dice  # nnU-Net: no cross-entropy when the whole batch is ignored
         if self.top_k is None:
-            ce = F.cross_entropy(logits, ce_target, ignore_index=-100)
+            # mean over the counted voxels; 0 when the whole batch is ignored (nnU-Net: no CE then),
+            # without reading the count back from the device
+            counted = mask.sum() if mask is not None else torch.tensor(float(ce_target.numel()), device=logits.device)
+            ce = F.cross_entropy(logits, ce_target, ignore_index=-100, reduction="sum") / counted.clamp_min(1)
         else:  # nnunetv2/training/loss/robust_ce_loss.py TopKLoss: mean CE of the k% largest voxel losses
             per_voxel = F.cross_entropy(logits, ce_target, ignore_index=-100, reduction="none").flatten()
             if mask is not None:
                 per_voxel = per_voxel[mask[:, 0].flatten()]
-            ce = per_voxel.topk(max(1, int(per_voxel.numel() * self.top_k)), sorted=False).values.mean()
+            k = int(per_voxel.numel() * self.top_k)
+            ce = per_voxel.topk(max(1, k), sorted=False).values.mean() if per_voxel.numel() else logits.sum() * 0
         return self.weight_ce * ce + self.weight_dice * dice
 
 
