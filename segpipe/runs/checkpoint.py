@@ -70,8 +70,13 @@ def load_model(path: Path, plans: Plans, config: Configuration, device: torch.de
         raise FileNotFoundError(f"{path}: checkpoint not found{hint}")
     ckpt = load_checkpoint(path)
     extra = len(plans.foreground_labels) if config.previous_stage else 0
-    # prediction never uses the deep-supervision heads: build without them, drop their weights
-    model = build_network(config, len(plans.channel_names), plans.num_classes, False, extra)
-    weights = {k: v for k, v in ckpt["model"].items() if "deep_supervision_heads." not in k and "super_head." not in k}
-    model.load_state_dict(weights)
+    # built as trained (any registered network, its deep-supervision heads included; eval mode does not
+    # use them); weights of heads an older layout had are the only ones allowed to be left over
+    model = build_network(config, len(plans.channel_names), plans.num_classes, True, extra)
+    result = model.load_state_dict(ckpt["model"], strict=False)
+    unexpected = [k for k in result.unexpected_keys if "head" not in k]
+    if result.missing_keys or unexpected:
+        raise RuntimeError(
+            f"{path}: weights do not match the network: missing {result.missing_keys[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.to(device).eval()

@@ -56,6 +56,23 @@ def test_registered_networks_in_2d_and_3d(name: str, two_d: bool) -> None:
     assert net.eval()(x).shape == (2, 3, *x.shape[2:])
 
 
+@pytest.mark.parametrize("name", ["dynunet", "resenc", "segresnet"])
+def test_checkpoints_of_every_network_load_for_prediction(name: str, tmp_path: Path) -> None:
+    """load_model rebuilds the trained network (deep-supervision heads and all) and gives the same output."""
+    from segpipe.planning.plans import Plans, TrainingSettings
+    from segpipe.runs.checkpoint import load_model, save_checkpoint
+
+    config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec(name))
+    plans = Plans(
+        "t", "default", ["MRI"], {"background": 0, "a": 1}, [], {"3d_fullres": config}, TrainingSettings(), [1.0] * 3
+    )
+    trained = build_network(config, 1, 2, deep_supervision=True)
+    save_checkpoint(tmp_path / "c.pt", {"model": trained.state_dict()})
+    loaded = load_model(tmp_path / "c.pt", plans, config, torch.device("cpu"))
+    x = torch.randn(1, 1, 32, 32, 32)
+    torch.testing.assert_close(loaded(x), trained.eval()(x))
+
+
 def test_unknown_names_are_refused_with_the_list() -> None:
     config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec("unet9"))
     with pytest.raises(KeyError, match="unknown network 'unet9'; known: .*dynunet, resenc, segresnet"):
