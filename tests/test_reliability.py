@@ -370,7 +370,17 @@ def _entries(folder: Path) -> int:
 
 
 def _written_since(folder: Path, start_ns: int) -> bool:
-    return folder.is_dir() and any(p.stat().st_mtime_ns >= start_ns for p in folder.iterdir())
+    """A file of ``folder`` changed since ``start_ns``; a temporary renamed away meanwhile is skipped
+    (the listing and the stat race against the running stage)."""
+    if not folder.is_dir():
+        return False
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime_ns >= start_ns:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _run(cmd: list[str], folder: Path, log: Path) -> tuple[float, float]:
