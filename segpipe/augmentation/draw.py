@@ -194,6 +194,16 @@ class Augmenter:
         angles[g.axis] = float(rng.uniform(-math.radians(degrees), math.radians(degrees)))  # type: ignore[index]
         return angles
 
+    def _per_channel(
+        self, rng: np.random.Generator, p_sample: float, value_range: tuple[float, float]
+    ) -> list[float | None]:
+        """With ``p_sample`` per sample, then 0.5 per channel (nnU-Net's p_per_channel): a value per channel."""
+        chosen = rng.random() < p_sample
+        return [
+            float(rng.uniform(*value_range)) if chosen and rng.random() < 0.5 else None
+            for _ in range(self.num_channels)
+        ]
+
     def draw(self, rng: np.random.Generator) -> AugmentParams:
         c, g = self.config, self.geometry
         u = rng.uniform
@@ -208,18 +218,12 @@ class Augmenter:
         if rng.random() < c.p_noise:
             p.noise_std = float(math.sqrt(u(*c.noise_variance)))
             p.noise_seed = int(rng.integers(2**31))
-        blur = rng.random() < c.p_blur
-        p.blur_sigma = [
-            float(u(*c.blur_sigma)) if blur and rng.random() < 0.5 else None for _ in range(self.num_channels)
-        ]
+        p.blur_sigma = self._per_channel(rng, c.p_blur, c.blur_sigma)
         if rng.random() < c.p_brightness:
             p.brightness = bg_contrast_factor(rng, c.brightness_range)
         if rng.random() < c.p_contrast:
             p.contrast = bg_contrast_factor(rng, c.contrast_range)
-        lowres = rng.random() < c.p_lowres
-        p.lowres_zoom = [
-            float(u(*c.lowres_zoom)) if lowres and rng.random() < 0.5 else None for _ in range(self.num_channels)
-        ]
+        p.lowres_zoom = self._per_channel(rng, c.p_lowres, c.lowres_zoom)
         # two independent transforms, as nnU-Net's get_training_transforms: inverted (p 0.1), then plain (p 0.3)
         if rng.random() < c.p_gamma_inverted:
             p.inverted_gamma = bg_contrast_factor(rng, c.gamma_range)
