@@ -17,14 +17,17 @@ def _workers(value: int | None) -> int:
     return value if value else default_workers()
 
 
-def _fail(exc: Exception) -> None:
-    """Exit 1 with the error in one line; with ``--verbose`` (before the command) its traceback first."""
+def _fail(exc: Exception, remedy: str | None = None) -> None:
+    """Exit 1 with the error in one line (naming ``remedy`` when the device ran out of memory); with
+    ``--verbose`` (before the command) its traceback first."""
+    from segpipe.core.errors import with_remedy
+
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.find_root().params.get("verbose"):
         import traceback
 
         click.echo("".join(traceback.format_exception(exc)), err=True)
-    click.echo(f"error: {exc}", err=True)
+    click.echo(f"error: {with_remedy(exc, remedy) if remedy else exc}", err=True)
     sys.exit(1)
 
 
@@ -212,6 +215,7 @@ def train(
     """Train one fold (or all); at the end predict its validation cases and write validation/summary.json.
 
     Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
+    from segpipe.core.errors import TRAIN_MEMORY_REMEDY
     from segpipe.evaluation.metrics import summary_table
     from segpipe.runs.runlog import say
     from segpipe.scale import distributed
@@ -238,7 +242,7 @@ def train(
                 if dist.is_main:
                     say(run.run_dir, summary_table(summary))
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
-        _fail(exc)
+        _fail(exc, TRAIN_MEMORY_REMEDY)
     finally:
         distributed.cleanup()
 
@@ -350,7 +354,7 @@ def predict(
     Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result."""
     from datetime import timedelta
 
-    from segpipe.core.errors import StageFailed
+    from segpipe.core.errors import PREDICT_MEMORY_REMEDY, StageFailed
     from segpipe.data.nifti import InputError
     from segpipe.inference.ensemble import Members
     from segpipe.inference.predict import PredictOptions, predict_configuration, trained_folds
@@ -374,7 +378,7 @@ def predict(
         members = Members(chosen, weights, snapshots)
         summary = predict_configuration(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
     except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
-        _fail(exc)
+        _fail(exc, PREDICT_MEMORY_REMEDY)
     finally:
         distributed.cleanup()
     click.echo(f"{f'rank {dist.rank}: ' if dist.enabled else ''}predicted {summary}")

@@ -496,6 +496,28 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, keep.name])
 
 
+def test_temporaries_of_other_hosts_are_never_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder shared by two machines: a process id means nothing on the other one, so only this host's
+    dead writers' files go, whatever another host's file is called."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    monkeypatch.setenv(segpipe.core.atomic.HOST_ENV, "node-a.cluster")
+    assert segpipe.core.atomic.host_name() == "node-a-cluster"
+    ours_stale = tmp_path / f".case.nii.gz.@node-a-cluster.{dead}.abcd_123.tmp.nii.gz"
+    ours_live = tmp_path / f".x.json.@node-a-cluster.{os.getpid()}.abcdefgh.tmp"
+    theirs = tmp_path / f".case.nii.gz.@node-b.{dead}.abcd_123.tmp.nii.gz"  # dead here, maybe alive there
+    for p in (ours_stale, ours_live, theirs):
+        p.write_text("x")
+    assert remove_stale_temporaries(tmp_path) == [ours_stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ours_live.name, theirs.name])
+    # what atomic_path writes carries the host name, so the other host's sweep spares it
+    with segpipe.core.atomic.atomic_path(tmp_path / "y.json") as tmp:
+        assert tmp.name.startswith(".y.json.@node-a-cluster.")
+        monkeypatch.setenv(segpipe.core.atomic.HOST_ENV, "node-b")
+        assert remove_stale_temporaries(tmp_path) == [theirs]  # node-b's own dead writer's file
+        assert tmp.exists()
+
+
 def test_written_files_get_default_permissions(tmp_path: Path) -> None:
     umask = os.umask(0o022)
     os.umask(umask)

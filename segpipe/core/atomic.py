@@ -2,9 +2,11 @@
 
 Every file segpipe writes goes to a temporary name in the same folder and is renamed over the
 target, so a process killed at any moment leaves either the old file or the new one, never a
-truncated one. A killed process cannot remove its temporary file (``.NAME.PID.XXXXXXXX.tmp...``);
+truncated one. A killed process cannot remove its temporary file (``.NAME.@HOST.PID.XXXXXXXX.tmp...``);
 each stage sweeps its output folders with :func:`remove_stale_temporaries` when it starts, which
-removes the temporary files of processes that no longer run.
+removes the temporary files of processes of this host that no longer run. The host name is in the
+temporary's name because a folder may be shared by several machines (a cluster's file system): a
+process id says nothing about another machine's processes, so their files are left alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,15 @@ _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it),
 os.umask(_UMASK)
 
 
+HOST_ENV = "SEGPIPE_HOST"  # overrides the host name, e.g. for containers that all share one
+
+
+def host_name() -> str:
+    """This machine's name as it appears in temporary file names (letters, digits and ``-`` only)."""
+    name = os.environ.get(HOST_ENV) or socket.gethostname() or "localhost"
+    return re.sub(r"[^A-Za-z0-9-]", "-", name)[:63]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -33,7 +45,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=target.parent)
+    prefix = f".{target.name}.@{host_name()}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -48,22 +61,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
+# ``.NAME.@HOST.PID.XXXXXXXX.tmp``; names without ``@HOST`` were written by older versions on this host
+_TEMPORARY = re.compile(r"^\..+?(?:\.@(?P<host>[A-Za-z0-9-]+))?\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that killed processes left in ``folder``; return them.
+    """Delete the temporary files that killed processes of this host left in ``folder``; return them.
 
-    Only files named by :func:`atomic_path` whose writing process is gone are removed, so a
-    concurrent writer on this machine keeps its file.
+    Only files named by :func:`atomic_path` on this host whose writing process is gone are removed,
+    so a concurrent writer on this machine or any other keeps its file. Under torchrun call it after
+    all ranks have started (a barrier), as the stages do.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    here = host_name()
     removed = []
     for path in folder.iterdir():
         m = _TEMPORARY.match(path.name)
-        if m and path.is_file() and not _process_alive(int(m["pid"])):
+        if not m or (m["host"] or here) != here:
+            continue
+        if path.is_file() and not _process_alive(int(m["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             removed.append(path)

@@ -20,6 +20,7 @@ from segpipe.data.nifti import InputError
 
 MANIFEST_NAME = ".segpipe_manifest.json"
 MANIFEST_VERSION = 1
+SHARD_NAME = ".segpipe_manifest.rank{rank}.json"  # one rank's entries under torchrun
 
 FileIdentity = dict[str, object]  # {"file": name, "size": bytes, "mtime_ns": int, "sha1": hex}
 
@@ -45,19 +46,45 @@ def input_identity(images: list[str]) -> list[FileIdentity]:
     return out
 
 
-class PredictionManifest:
-    """The manifest of one output folder, kept in memory and saved after every change."""
+def shard_path(folder: Path, rank: int) -> Path:
+    return Path(folder) / SHARD_NAME.format(rank=rank)
 
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / MANIFEST_NAME
+
+class PredictionManifest:
+    """The manifest of one output folder, kept in memory and saved after every change.
+
+    Under torchrun each rank owns a share of the cases (``owned``) and saves only its shard,
+    ``.segpipe_manifest.rank<k>.json``; rank 0 folds the shards into the manifest at the end
+    (:meth:`merge_shards`), so no rank ever rewrites the shared file from its partial view. Shards
+    left by a killed sharded run are read too, so its finished cases are not redone.
+    """
+
+    def __init__(self, folder: Path, rank: int | None = None):
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST_NAME
+        self.rank = rank
+        self.owned: set[str] | None = None  # the cases this rank answers for (None: all)
         self.cases: dict[str, list[FileIdentity]] = {}
-        if self.path.is_file():
-            try:
-                data = read_json(self.path)
-                if isinstance(data, dict) and data.get("version") == MANIFEST_VERSION:
-                    self.cases = dict(data["cases"])
-            except (ValueError, KeyError, TypeError, OSError):
-                self.cases = {}  # unreadable: every existing output is redone
+        data = _read(self.path)
+        if data is not None:
+            self.cases = dict(data["cases"])
+        for shard in self._shards():
+            self._apply(shard)
+
+    def _shards(self) -> list[Path]:
+        """Shard files in this folder, oldest first (a killed run's before this run's)."""
+        found = [p for p in self.folder.glob(SHARD_NAME.format(rank="*")) if p.is_file()]
+        return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+    def _apply(self, shard: Path) -> None:
+        data = _read(shard)
+        if data is None:
+            return
+        for case, entry in data["cases"].items():
+            if entry is None:
+                self.cases.pop(case, None)
+            else:
+                self.cases[case] = entry
 
     def is_current(self, case_id: str, images: list[str]) -> bool:
         """Whether the recorded inputs of ``case_id`` are the files ``images`` as they are now."""
@@ -86,4 +113,34 @@ class PredictionManifest:
         self.cases.pop(case_id, None)
 
     def save(self) -> None:
+        """The whole manifest (single process; earlier shards are then folded in) or this rank's shard."""
+        if self.rank is None:
+            write_json(self.path, {"version": MANIFEST_VERSION, "cases": self.cases})
+            for shard in self._shards():
+                shard.unlink(missing_ok=True)
+            return
+        owned = self.cases.keys() if self.owned is None else self.owned
+        entries = {case: self.cases.get(case) for case in sorted(owned)}  # None: no valid output
+        shard = {"version": MANIFEST_VERSION, "rank": self.rank, "cases": entries}
+        write_json(shard_path(self.folder, self.rank), shard)
+
+    def merge_shards(self) -> None:
+        """Rank 0, after every rank has finished: fold all shards into the manifest and remove them."""
+        for shard in self._shards():
+            self._apply(shard)
         write_json(self.path, {"version": MANIFEST_VERSION, "cases": self.cases})
+        for shard in self._shards():
+            shard.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict | None:
+    """A manifest or shard file's content, None when absent or unreadable (its outputs are redone)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (ValueError, OSError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION or not isinstance(data.get("cases"), dict):
+        return None
+    return data

@@ -18,9 +18,11 @@ the cases and rank 0 checks and merges the result (:func:`merge_ranks`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.core.atomic import remove_stale_temporaries, save_npz, write_json
-from segpipe.core.errors import StageFailed
+from segpipe.core.errors import PREDICT_MEMORY_REMEDY, DeviceFailed, StageFailed, poisons_device, with_remedy
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
@@ -39,13 +41,23 @@ from segpipe.inference.decode import label_map
 from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
 from segpipe.inference.postprocessing import apply_postprocessing, load_decision
-from segpipe.inference.sliding_window import accumulator_bytes, choose_accumulation_device, predict_probabilities
+from segpipe.inference.sliding_window import (
+    accumulator_bytes,
+    choose_accumulation_device,
+    forward_batch_bytes,
+    mirror_combinations,
+    predict_probabilities,
+    release_cached_memory,
+)
 from segpipe.planning.plans import Configuration, Plans, load_plans
 from segpipe.preprocessing.cascade import MissingPreviousStage, read_previous_stage, with_previous_stage
 from segpipe.preprocessing.preprocess import PreprocessedCase, preprocess_case
 from segpipe.preprocessing.resampling import resample_probabilities
 from segpipe.runs.checkpoint import FINAL
+from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo, device_for, gather_reports, shard
+
+log = logging.getLogger("segpipe")
 
 
 @dataclass
@@ -165,9 +177,17 @@ def average_probabilities(
     return total
 
 
-def case_device_bytes(pre: PreprocessedCase, config: Configuration, num_classes: int, num_models: int) -> int:
-    """Device memory that accumulating one case there takes: the sliding-window accumulators, the
-    running sum over models, and the probabilities resampled back to the original spacing."""
+def case_device_bytes(
+    pre: PreprocessedCase,
+    config: Configuration,
+    num_classes: int,
+    num_models: int,
+    options: PredictOptions | None = None,
+) -> int:
+    """Device memory that predicting one case with its accumulators there takes: the sliding-window
+    accumulators, the running sum over models, the probabilities resampled back to the original
+    spacing and (with ``options``) the forward batch: every mirroring of ``batch_windows`` windows
+    with the network's activations (:func:`segpipe.inference.sliding_window.forward_batch_bytes`)."""
     shape = [max(s, p) for s, p in zip(pre.image.shape[1:], config.patch_size)]
     need = accumulator_bytes(shape, num_classes, pre.image.shape[0])
     if num_models > 1:
@@ -175,7 +195,48 @@ def case_device_bytes(pre: PreprocessedCase, config: Configuration, num_classes:
     box = [hi - lo for lo, hi in pre.properties.crop_box]
     if box != list(pre.image.shape[1:]):
         need += 4 * num_classes * math.prod(box)
+    if options is not None:
+        mirrors = len(mirror_combinations(options.mirror_axes if options.tta else ()))
+        need += forward_batch_bytes(
+            config.patch_size,
+            config.topology.features,
+            config.topology.strides,
+            pre.image.shape[0],
+            num_classes,
+            options.batch_windows * mirrors,
+        )
     return need
+
+
+Attempt = tuple[torch.device, torch.device, str]  # (network device, accumulators' device, how it is said)
+
+
+def fallback_attempts(device: torch.device, accumulate_on: torch.device) -> list[Attempt]:
+    """How one case is tried when the device runs out of memory, in order: as chosen, then with the
+    accumulators on the CPU, then the whole case on the CPU (steps that change nothing are left out)."""
+    cpu = torch.device("cpu")
+    attempts = [(device, accumulate_on, "as planned")]
+    if accumulate_on.type != "cpu":
+        attempts.append((device, cpu, "with its accumulators on the CPU"))
+    if device.type != "cpu":
+        attempts.append((cpu, cpu, "on the CPU"))
+    return attempts
+
+
+def with_fallbacks(case_id: str, attempts: list[Attempt], run: Callable[[torch.device, torch.device], torch.Tensor]):
+    """``run(device, accumulate_on)`` for the first attempt that does not run out of device memory
+    (window batches are halved inside each attempt first); each step down is logged once."""
+    for i, (device, accumulate_on, _) in enumerate(attempts):
+        try:
+            return run(device, accumulate_on)
+        except torch.OutOfMemoryError:
+            if i + 1 == len(attempts):
+                raise
+            release_cached_memory(device)
+            log.warning(
+                "%s: out of device memory even with one window a batch; retrying %s", case_id, attempts[i + 1][2]
+            )
+    raise AssertionError("no attempts")
 
 
 def predict_case_probabilities(
@@ -231,20 +292,20 @@ def merge_ranks(
     manifest: PredictionManifest,
 ) -> tuple[dict[str, str], dict]:
     """The final step of a sharded prediction. Each rank writes ``OUT/predict.rank<k>.json`` (its
-    cases, those it predicted, its failures and manifest entries); rank 0 then merges the failures,
-    adds every case of ``cases`` that has no output and no recorded failure, and saves the manifest
-    with all ranks' entries. Returns the merged problems and summary on rank 0, this rank's elsewhere."""
+    cases, those it predicted and its failures) and its manifest shard; rank 0 then merges the failures,
+    adds every case of ``cases`` that has no output and no recorded failure, and folds the ranks'
+    manifest shards into the manifest. Returns the merged problems and summary on rank 0, this rank's
+    elsewhere."""
     mine = [c.case_id for c in shard(cases, dist)]
-    entries = {k: manifest.cases[k] for k in mine if k in manifest.cases}
-    report = {"cases": mine, "predicted": predicted, "failures": problems, "summary": summary, "manifest": entries}
+    manifest.save()  # this rank's shard as it ends (also when it predicted nothing)
+    report = {"cases": mine, "predicted": predicted, "failures": problems, "summary": summary}
     reports = gather_reports(output_dir, "predict", report, dist)
     if not dist.is_main:
         return problems, summary
     merged: dict[str, str] = {}
     for r in reports:
         merged.update(r["failures"])
-        manifest.cases.update(r["manifest"])
-    manifest.save()
+    manifest.merge_shards()
     for c in cases:
         if c.case_id not in merged and not output_files(output_dir, c.case_id)[0].exists():
             merged[c.case_id] = "no output was written (its rank stopped early?)"
@@ -287,8 +348,11 @@ def predict_folder(
     if not dist.is_main:
         problems = {}  # listing problems are reported once, by rank 0
     output_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output_dir)
-    manifest = PredictionManifest(output_dir)
+    distributed.barrier()  # every rank has started before any sweeps: none deletes a file being written
+    remove_stale_temporaries(output_dir)  # this host's dead processes' files only
+    manifest = PredictionManifest(output_dir, rank=dist.rank if dist.enabled else None)
+    if dist.enabled:
+        manifest.owned = {c.case_id for c in cases}
     limit = memory_limit_bytes(options)
 
     def inputs(case: CaseFiles) -> list[str]:
@@ -320,14 +384,26 @@ def predict_folder(
             pre = with_previous_stage(pre, read_previous_stage(path), plans, config, path)
         return identity, data.geometry_only(), pre  # the raw image is not needed any more
 
+    models_on = {dev: models}
+
+    def models_for(device: torch.device) -> list[nn.Module]:
+        """The members on ``device``; CPU copies are read from the checkpoints only when a case needs them."""
+        if device not in models_on:
+            models_on[device] = load_members(work, plans, config, members, device)
+        return models_on[device]
+
     def predict_one(case: CaseFiles, loaded: Future) -> str | None:
         """Predict and write one case; return its problem (None: done). Its arrays die on return."""
         where = case.images[0]  # the file an error is reported against: the input, then the output
         try:
             identity, data, pre = loaded.result()
-            need = case_device_bytes(pre, config, plans.num_classes, len(models))
-            accumulate_on = choose_accumulation_device(need, dev, limit)
-            probs = average_probabilities(models, pre, plans, config, options, dev, accumulate_on)
+            need = case_device_bytes(pre, config, plans.num_classes, len(models), options)
+            attempts = fallback_attempts(dev, choose_accumulation_device(need, dev, limit))
+            probs = with_fallbacks(
+                case.case_id,
+                attempts,
+                lambda d, acc: average_probabilities(models_for(d), pre, plans, config, options, d, acc),
+            )
             where = str(output_files(output_dir, case.case_id)[0])
             order = plans.regions_class_order
             if options.save_probabilities:
@@ -343,7 +419,9 @@ def predict_folder(
         except InputError as exc:
             return str(exc)
         except (ValueError, RuntimeError, OSError, MemoryError) as exc:
-            return f"{where}: {type(exc).__name__}: {exc}"
+            if poisons_device(exc):
+                raise DeviceFailed(case.case_id, exc) from exc
+            return f"{where}: {type(exc).__name__}: {with_remedy(exc, PREDICT_MEMORY_REMEDY)}"
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as reader:

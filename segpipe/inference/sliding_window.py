@@ -85,6 +85,27 @@ def accumulator_bytes(shape: Sequence[int], num_classes: int, num_channels: int)
     return 4 * math.prod(int(s) for s in shape) * (num_classes + 1 + num_channels)
 
 
+def forward_batch_bytes(
+    patch: Sequence[int],
+    features: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    num_channels: int,
+    num_classes: int,
+    batch: int,
+) -> int:
+    """Bytes one forward pass of ``batch`` windows (every mirroring counts) takes on the device in
+    inference (float32, nothing kept for backward): the input, the logits and their softmax, and the
+    activations: every encoder stage's output is kept for its skip connection while two full-resolution
+    feature maps are alive at the top of the decoder."""
+    voxels = math.prod(int(p) for p in patch)
+    skips, scale = 0.0, [1] * len(patch)
+    for stride, feat in zip(strides, features):
+        scale = [a * b for a, b in zip(scale, stride)]
+        skips += feat * voxels / math.prod(scale)
+    per_window = voxels * (num_channels + 2 * num_classes) + skips + 2 * features[0] * voxels
+    return int(4 * batch * per_window)
+
+
 def choose_accumulation_device(
     need_bytes: int, device: torch.device | str, memory_limit_bytes: int | None = None
 ) -> torch.device:
@@ -115,6 +136,32 @@ def choose_accumulation_device(
     return torch.device("cpu")
 
 
+def _mirrored_probabilities(
+    model: nn.Module,
+    padded: torch.Tensor,
+    chunk: list[tuple[slice, ...]],
+    mirrors: list[tuple[int, ...]],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    sigmoid: bool,
+) -> torch.Tensor:
+    """The windows of ``chunk``, each in every mirroring, through the network in one forward pass;
+    returns ``(len(chunk), C, *patch)`` probabilities summed over the un-mirrored mirrorings."""
+    x = torch.stack([padded[(slice(None), *w)] for w in chunk]).to(device)
+    xin = torch.cat([x.flip([a + 2 for a in axes]) if axes else x for axes in mirrors])
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(xin)
+    # softmax over classes, or one sigmoid per region (region-based training)
+    p = (torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=1)).split(len(chunk))
+    return sum(pm.flip([a + 2 for a in axes]) if axes else pm for axes, pm in zip(mirrors, p))
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the failed batch's cached blocks back before the retry (CUDA keeps them otherwise)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @torch.inference_mode()
 def predict_probabilities(
     model: nn.Module,
@@ -134,8 +181,9 @@ def predict_probabilities(
 
     ``batch_windows`` windows, each in every mirroring, go through the network in one batch; the
     softmax of each mirroring is un-mirrored, averaged and added with Gaussian weight, and the sum is
-    divided by the summed weights. ``accumulate_on`` places the accumulators and the image (default:
-    ``device``), e.g. the CPU for volumes too large for the GPU (see
+    divided by the summed weights. A batch that runs out of device memory is retried with half the
+    windows (down to one, for the rest of the case); the result is the same. ``accumulate_on`` places
+    the accumulators and the image (default: ``device``), e.g. the CPU for volumes too large for the GPU (see
     :func:`choose_accumulation_device`); each window batch then travels to ``device`` and back.
     """
     device = torch.device(device)
@@ -150,19 +198,21 @@ def predict_probabilities(
     weights = torch.zeros(shape, dtype=torch.float32, device=acc_device)
     windows = window_slices(shape, patch, step)
     padded = padded.to(acc_device)
-    for first in range(0, len(windows), batch_windows):
-        chunk = windows[first : first + batch_windows]
-        x = torch.stack([padded[(slice(None), *w)] for w in chunk]).to(device)
-        # all mirrorings of the chunk in one forward pass
-        xin = torch.cat([x.flip([a + 2 for a in axes]) if axes else x for axes in mirrors])
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(xin)
-        # softmax over classes, or one sigmoid per region (region-based training)
-        p = (torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=1)).split(len(chunk))
-        summed = sum(pm.flip([a + 2 for a in axes]) if axes else pm for axes, pm in zip(mirrors, p))
-        summed = summed * window_weight
+    first, size = 0, max(1, batch_windows)
+    while first < len(windows):
+        chunk = windows[first : first + size]
+        try:
+            summed = _mirrored_probabilities(model, padded, chunk, mirrors, device, amp_dtype, sigmoid) * window_weight
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise  # one window does not fit: the caller moves the accumulators, then the case, to the CPU
+            size = max(1, len(chunk) // 2)
+            release_cached_memory(device)
+            log.warning("out of device memory with %d windows a batch: retrying with %d", len(chunk), size)
+            continue
         for w, s in zip(chunk, summed):
             probs[(slice(None), *w)] += s.to(acc_device)
             weights[w] += acc_weight
+        first += len(chunk)
     probs /= weights
     return probs[(slice(None), *crop)]

@@ -127,7 +127,8 @@ def setup(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     config = plans.configuration(config_name)
     run_dir = wd.run(config_name, fold)
-    remove_stale_temporaries(run_dir)  # a checkpoint half-written by a killed run
+    if dist.is_main:  # rank 0 alone writes the run folder
+        remove_stale_temporaries(run_dir)  # a checkpoint half-written by a killed run
     latest = run_dir / LATEST
     ckpt = None
     if resume and latest.exists():

@@ -380,3 +380,134 @@ def test_ensemble_of_models_averages_their_probabilities(tmp_path: Path) -> None
     both = predict_case_probabilities([sharp, soft], pre, plans, config, options, cpu)
     assert not np.allclose(p_sharp, p_soft, atol=1e-3)
     np.testing.assert_allclose(both, (p_sharp + p_soft) / 2, atol=1e-6)
+
+
+# ------------------------------------------------------------------ out of device memory, failed devices
+
+
+class OutOfMemoryAbove(nn.Module):
+    """OneHotIdentity that raises CUDA's out-of-memory error for batches above ``max_batch`` (fault injection)."""
+
+    def __init__(self, max_batch: int):
+        super().__init__()
+        self.max_batch = max_batch
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.max_batch:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} windows")
+        return 20.0 * x
+
+
+def test_window_batches_that_run_out_of_memory_are_halved(caplog: pytest.LogCaptureFixture) -> None:
+    classes, onehot = _random_onehot(3, (50, 37, 29), seed=0)
+    model = OutOfMemoryAbove(max_batch=8)  # one window in its 8 mirrorings fits, two do not
+    with caplog.at_level("WARNING", logger="segpipe"):
+        probs = predict_probabilities(model, onehot, (16, 24, 16), 3, mirror_axes=(0, 1, 2), batch_windows=4)
+    torch.testing.assert_close(probs, _expected_softmax(onehot), atol=1e-5, rtol=0)  # the same result
+    assert model.batches[:3] == [32, 16, 8] and set(model.batches[3:]) == {8}  # 4 -> 2 -> 1, then stays at 1
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["out of device memory with 4 windows a batch: retrying with 2",
+                    "out of device memory with 2 windows a batch: retrying with 1"]  # fmt: skip
+    with pytest.raises(torch.OutOfMemoryError):  # not even one window fits: the caller's turn
+        predict_probabilities(OutOfMemoryAbove(max_batch=4), onehot, (16, 24, 16), 3, batch_windows=2)
+
+
+def test_a_case_steps_down_to_cpu_accumulators_then_to_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    attempts = predict_module.fallback_attempts(cuda, cuda)
+    assert [(d, a) for d, a, _ in attempts] == [(cuda, cuda), (cuda, cpu), (cpu, cpu)]
+    assert [(d, a) for d, a, _ in predict_module.fallback_attempts(cuda, cpu)] == [(cuda, cpu), (cpu, cpu)]
+    assert len(predict_module.fallback_attempts(cpu, cpu)) == 1
+
+    tried = []
+
+    def run(device: torch.device, accumulate_on: torch.device) -> str:
+        tried.append((device, accumulate_on))
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return "done on the CPU"
+
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert predict_module.with_fallbacks("case_7", attempts, run) == "done on the CPU"
+    assert tried == [(cuda, cuda), (cuda, cpu), (cpu, cpu)]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[0].endswith("with its accumulators on the CPU") and said[1].endswith("on the CPU")
+    assert all(m.startswith("case_7: out of device memory") for m in said)
+    with pytest.raises(torch.OutOfMemoryError):
+        predict_module.with_fallbacks("case_7", attempts[:2], run)
+
+
+def test_the_memory_estimate_counts_the_forward_batch(tmp_path: Path) -> None:
+    from segpipe.inference.sliding_window import forward_batch_bytes
+
+    # patch 8^3 = 512 voxels, stages of 4 and 8 features (the second at stride 2: 64 voxels), 1 channel,
+    # 3 classes: per window 512 x (1 + 2 x 3) + (4 x 512 + 8 x 64) + 2 x 4 x 512 = 3584 + 2560 + 4096 = 10240
+    # values; 2 windows x 8 mirrorings x 4 bytes
+    assert forward_batch_bytes([8, 8, 8], [4, 8], [[1, 1, 1], [2, 2, 2]], 1, 3, 16) == 16 * 4 * 10240
+    shape, spacing = (40, 36, 26), (1.5, 1.2, 1.8)
+    case = _write_case(tmp_path, _label_volume(shape), spacing)
+    plans = _plans(list(spacing), list(shape))
+    config = plans.configuration(FULLRES)
+    pre = preprocess_case(read_case(case, 1), plans, config, case)
+    without = predict_module.case_device_bytes(pre, config, 3, 1)
+    options = PredictOptions(batch_windows=2, mirror_axes=(0, 1, 2))
+    forward = forward_batch_bytes([16] * 3, [8], [[1, 1, 1]], 1, 3, 2 * 8)
+    assert predict_module.case_device_bytes(pre, config, 3, 1, options) == without + forward
+    no_tta = PredictOptions(batch_windows=2, tta=False)
+    assert predict_module.case_device_bytes(pre, config, 3, 1, no_tta) == without + forward // 8
+
+
+def _fixed_model_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module, cases: int) -> Path:
+    """Input cases and a WORK whose 'trained' model is ``model`` (as in the predict-folder test above)."""
+    shape, spacing = (40, 36, 26), (1.5, 1.2, 1.8)
+    for i in range(cases):
+        case = _write_case(tmp_path / "in", _label_volume(shape), spacing)
+        case_path = Path(case.images[0])
+        case_path.rename(case_path.with_name(f"case_{i:03d}.nii.gz"))
+    save_plans(_plans(list(spacing), list(shape)), tmp_path / "work" / "plans.json")
+    monkeypatch.setattr(predict_module, "load_members", lambda *args, **kwargs: [model])
+    monkeypatch.setattr(predict_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
+    return tmp_path / "work"
+
+
+class FailingDevice(nn.Module):
+    """A network whose device hit a device-side assert: every call fails the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_a_failed_device_stops_the_run_instead_of_failing_every_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segpipe.core.errors import DeviceFailed
+
+    model = FailingDevice()
+    work = _fixed_model_folder(tmp_path, monkeypatch, model, cases=3)
+    with pytest.raises(DeviceFailed) as info:
+        predict_folder(tmp_path / "in", tmp_path / "out", work, FULLRES, Members([0]), PredictOptions(), device="cpu")
+    assert model.calls == 1  # the first case's first batch; no later case was tried
+    message = str(info.value)
+    assert message.startswith("case_000: the device failed") and "--device cpu" in message
+    assert "CUDA_LAUNCH_BLOCKING=1" in message
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_out_of_memory_on_every_step_names_what_to_try(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import run_cli
+
+    work = _fixed_model_folder(tmp_path, monkeypatch, OutOfMemoryAbove(max_batch=0), cases=1)
+    result = run_cli(
+        "predict", "-i", tmp_path / "in", "-o", tmp_path / "out", "-m", work, "--folds", 0, "--device", "cpu"
+    )
+    assert result.exit_code == 1, result.output
+    assert "case_000" in result.output and "OutOfMemoryError: CUDA out of memory" in result.output
+    assert "try --batch-windows 1, a --device-memory-limit MB" in result.output and "--device cpu" in result.output
+    assert result.output.count("try --batch-windows 1") == 1  # said once, with the case
