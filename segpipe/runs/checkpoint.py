@@ -50,11 +50,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states of a checkpoint on the devices that exist now: a run saved with more GPUs
+    (or by a torchrun rank 0) restores the ones present, one saved with fewer (or on a CPU machine)
+    leaves the others as seeded; ``torch.cuda.set_rng_state_all`` would fail on a count mismatch."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available():
+        for index, device_state in enumerate(saved[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def mirror_axes_of(path: Path) -> tuple[int, ...]:

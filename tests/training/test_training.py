@@ -188,6 +188,8 @@ class ResumedRun:
     killed_at_iteration: int
     rows_before_resume: list[int]  # epochs in log.csv right after the kill
     resume_output: str
+    command: list[str]  # the uninterrupted run's command line
+    env: dict[str, str]
 
 
 TRAIN_ARGS = ["--fold", "0", "--val-iters", "1", "--num-folds", "2", "--workers", "0", "--device", "cpu"]
@@ -230,8 +232,12 @@ def resumed_run(prepared_work: Path, tmp_path_factory: pytest.TempPathFactory) -
     rows_before = [int(r["epoch"]) for r in rows]
     assert not (run_dir / FINAL).exists()
 
-    output = ok(run_cli("train", work, *TRAIN_ARGS, "--resume", "--no-validation"))
-    return ResumedRun(work, state["epoch"], state["iteration"], rows_before, output)
+    # resumed in a process like the killed one (one thread: the same float summation order)
+    resume = subprocess.run(
+        [*cmd[: -len(extra)], "--resume", "--no-validation"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    return ResumedRun(work, state["epoch"], state["iteration"], rows_before, resume.stdout + resume.stderr, cmd, env)
 
 
 def test_resume_after_kill_continues_from_checkpoint(resumed_run: ResumedRun) -> None:
@@ -264,6 +270,51 @@ def test_resume_after_kill_continues_from_checkpoint(resumed_run: ResumedRun) ->
     for e, r in enumerate(rows):
         assert float(r["lr"]) == pytest.approx(expected_poly_lr(4 * (e + 1) - 1, 12), rel=1e-9)
     assert float(rows[-1]["lr"]) == pytest.approx(0.01 * (1 / 12) ** 0.9, rel=1e-9)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    resumed_run: ResumedRun, prepared_work: Path, tmp_path: Path
+) -> None:
+    """Killed during its second epoch and resumed, or never interrupted: the same 12 steps, bit for bit
+    (optimizer momentum, RNG states and the data order all come back from the checkpoint)."""
+    work = copy_work(prepared_work, tmp_path / "work")
+    command = [str(work) if arg == str(resumed_run.work) else arg for arg in resumed_run.command]
+    proc = subprocess.run(command, cwd=REPO, env=resumed_run.env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed = load_checkpoint(resumed_run.work / CONFIG / "fold_0" / FINAL)
+    straight = load_checkpoint(work / CONFIG / "fold_0" / FINAL)
+    assert resumed["state"]["iteration"] == straight["state"]["iteration"] == 12
+    assert resumed["model"].keys() == straight["model"].keys()
+    different = [k for k, v in straight["model"].items() if not torch.equal(v, resumed["model"][k])]
+    assert different == []
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, resumed["optimizer"]["state"].values()))
+
+
+@pytest.mark.parametrize(("saved_gpus", "gpus_now"), [(4, 1), (1, 2), (0, 2), (2, 0)])
+def test_rng_states_restore_on_the_devices_there_are_now(
+    saved_gpus: int, gpus_now: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of a 4-GPU torchrun resumed in one process, of one GPU on two, of a CPU run on a GPU
+    machine and the other way round (fake CUDA: only the calls are recorded)."""
+    from segpipe.runs.checkpoint import rng_state, set_rng_state
+
+    restored: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus_now > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_now)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("count-sensitive call"))
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: [torch.full((4,), i, dtype=torch.uint8) for i in range(saved_gpus)]
+    )
+    state = rng_state()
+    if not saved_gpus:
+        state["cuda"] = None
+    expected_numbers = [float(np.random.rand()) for _ in range(3)]
+    set_rng_state(state)
+    assert [float(np.random.rand()) for _ in range(3)] == expected_numbers  # the CPU generators came back too
+    assert [d for d, _ in restored] == list(range(min(saved_gpus, gpus_now)))
+    assert all(torch.equal(s, torch.full((4,), d, dtype=torch.uint8)) for d, s in restored)
 
 
 def test_more_epochs_extend_a_finished_run(resumed_run: ResumedRun, tmp_path: Path) -> None:
