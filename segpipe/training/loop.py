@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,56 @@ from segpipe.training.schedules import cycle_ends, learning_rate, training_progr
 
 # The progress bar shows the loss of every N-th iteration: each display waits for the GPU.
 LOSS_DISPLAY_EVERY = 10
+# Under DDP the ranks agree on rank 0's clock every N-th iteration (a broadcast, which waits for the
+# device), not after every step.
+CLOCK_AGREE_EVERY = 10
+
+
+class SharedClock:
+    """The training seconds of an epoch as every rank sees them.
+
+    In one process: the wall clock. Under DDP: rank 0's clock, broadcast every ``every`` iterations; in
+    between each rank extrapolates from the agreed readings alone (the last one plus the agreed seconds
+    per iteration), so all ranks compute the same learning rate, snapshot and stop iteration without a
+    host-device synchronisation per step."""
+
+    def __init__(
+        self,
+        seconds_before: float,
+        per_iteration: float,
+        every: int,
+        shared: bool,
+        agree: Callable[[float], float] | None = None,
+        now: Callable[[], float] | None = None,
+    ):
+        self.now = now or time.perf_counter
+        self.agree = agree or distributed.agree
+        self.started = self.now()
+        self.seconds_before = seconds_before
+        self.every, self.shared = every, shared
+        self.agreed, self.agreed_at = seconds_before, 0
+        self.per_iteration = per_iteration  # agreed seconds per iteration (from the previous epoch at first)
+
+    def local(self) -> float:
+        return self.seconds_before + self.now() - self.started
+
+    def tick(self, iterations: int) -> float:
+        """Seconds after ``iterations`` iterations of this epoch."""
+        if not self.shared:
+            return self.local()
+        if iterations % self.every:
+            return self.agreed + (iterations - self.agreed_at) * self.per_iteration
+        return self.sync(iterations)
+
+    def sync(self, iterations: int) -> float:
+        """Agree on rank 0's clock now (all ranks call it at the same iteration)."""
+        agreed = self.agree(self.local())
+        if iterations > self.agreed_at:
+            self.per_iteration = (agreed - self.agreed) / (iterations - self.agreed_at)
+        self.agreed, self.agreed_at = agreed, iterations
+        return agreed
+
+
 VALIDATION_SEED_OFFSET = 1_000_003  # validation patches differ from training patches of the same epoch
 
 
@@ -423,6 +474,7 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             + (f"{g.kind} (out-of-plane axis {g.axis})" if g.in_plane else "3d")
             + f", mirroring axes {list(run.augmenter.mirror_axes)}",
         )
+    per_iteration = 0.0
     while not run.state.done:
         epoch = run.state.epoch
         loader = make_loader(train_batches(run, epoch), workers, pin_memory=run.device.type == "cuda")
@@ -439,14 +491,15 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
             disable=not main,
         )
         lr = learning_rate(run.progress(), settings)
+        # all ranks follow rank 0's clock, so that they stop at the same iteration
+        clock = SharedClock(seconds_before, per_iteration, CLOCK_AGREE_EVERY, run.dist.enabled)
         for batch in bar:
             lr = learning_rate(run.progress(), settings)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             losses.append(train_step(run, batch))
             run.state.iteration += 1
-            # all ranks follow rank 0's clock, so that they stop at the same iteration
-            run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
+            run.state.seconds = clock.tick(len(losses))
             if len(losses) % LOSS_DISPLAY_EVERY == 1:
                 done = run.progress()
                 eta = runlog.format_eta(run.state.seconds * (1 - done) / done if done > 0 else float("nan"))
@@ -458,6 +511,9 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
                 break
         with contextlib.suppress(Exception):
             bar.close()
+        if losses:  # every rank ends the epoch at the same iteration: agree once more, keep the pace
+            clock.sync(len(losses))
+            per_iteration = clock.per_iteration
         metrics = validate(run, epoch)
         if run.swa is not None and not ends and run.progress() >= 1 - settings.cyclic_fraction:
             run.swa.update(run.model)  # non-cyclic schedules: average the epoch ends of the final part

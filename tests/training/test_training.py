@@ -508,3 +508,39 @@ def test_augmentation_on_the_device_trains_like_augmentation_in_workers(prepared
         weights[where] = run.model.state_dict()
     for key, value in weights["workers"].items():
         assert torch.allclose(value, weights["device"][key], atol=1e-5), key
+
+
+def test_ranks_agree_on_the_clock_every_tenth_iteration_and_see_the_same_seconds() -> None:
+    """Two DDP ranks with different local clocks (rank 1 runs 30% slow and started 50 s late): they
+    broadcast rank 0's reading only every 10th iteration and between broadcasts extrapolate identically."""
+    from segpipe.training.loop import SharedClock
+
+    step = {"rank0": 0, "rank1": 0}  # iterations done, for the fake clocks (rank 0: 2 s an iteration)
+    broadcast: list[float] = []  # rank 0's readings, in order: what dist.broadcast hands every rank
+
+    def run(rank: str, now, agree) -> list[float]:
+        clock = SharedClock(100.0, 0.0, 10, True, agree, now=now)
+        seen = []
+        for i in range(1, 36):
+            step[rank] = i
+            seen.append(clock.tick(i))
+        return [*seen, clock.sync(35)]  # the epoch's end
+
+    def agree0(local: float) -> float:
+        broadcast.append(local)
+        return local
+
+    seen0 = run("rank0", lambda: 2.0 * step["rank0"], agree0)
+    assert len(broadcast) == 4  # iterations 10, 20, 30 and the end: not 35
+    replay = iter(broadcast)
+    seen1 = run("rank1", lambda: 50 + 2.6 * step["rank1"], lambda local: next(replay))
+    assert seen0 == seen1  # the same seconds, hence the same learning rates and stop, on both ranks
+    assert seen0 == sorted(seen0)  # never runs backwards
+    assert seen0[9] == 120.0 and seen0[19] == 140.0  # the agreed readings: 100 s before + 2 s x iterations
+    # between agreements the clock advances at the last agreed pace (2 s per iteration; none before the first)
+    assert seen0[10:19] == pytest.approx([120.0 + 2 * k for k in range(1, 10)])
+    assert seen0[:9] == [100.0] * 9
+    # one process: the plain wall clock, never a broadcast
+    readings = iter([0.0, 1.5, 3.0])
+    plain = SharedClock(5.0, 0.0, 10, False, lambda v: pytest.fail("no broadcast"), now=lambda: next(readings))
+    assert [plain.tick(1), plain.tick(2)] == [6.5, 8.0]
