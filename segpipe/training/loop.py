@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from segpipe.augmentation.batched import augment_batch
+from segpipe.augmentation.batched import augment_batch, batch_extent
 from segpipe.augmentation.draw import AUGMENTATIONS, Augmenter, choose_geometry
 from segpipe.core.atomic import read_json, remove_stale_temporaries
 from segpipe.core.paths import WorkDir
@@ -50,7 +50,7 @@ from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo
 from segpipe.training.losses import build_loss
 from segpipe.training.optimizers import OPTIMIZERS
-from segpipe.training.sampling import PatchBatches, SamplerSpec, make_loader
+from segpipe.training.sampling import PatchBatches, SamplerSpec, make_loader, stack_crops
 from segpipe.training.schedules import cycle_ends, learning_rate, training_progress
 
 # The progress bar shows the loss of every N-th iteration: each display waits for the GPU.
@@ -243,15 +243,7 @@ def setup(
         amp_dtype=amp,
         train_spec=spec(split["train"]),
         val_spec=spec(split["val"]),
-        augmenter=Augmenter(
-            AUGMENTATIONS.get(settings.augmentation),
-            channels,
-            extra,
-            choose_geometry(
-                config.patch_size, slice_axis(config.spacing), config.slice_axis, plans.anisotropy_threshold
-            ),
-            config.patch_size,
-        ),
+        augmenter=build_augmenter(plans, config, settings, extra),
         time_budget=time_budget,
         swa=WeightAverage() if settings.swa else None,
         dist=dist,
@@ -272,6 +264,17 @@ def setup(
     if settings.compile:
         run.compiled = torch.compile(run.ddp or model)
     return run
+
+
+def build_augmenter(plans: Plans, config: Configuration, settings: TrainingSettings, extra: int = 0) -> Augmenter:
+    """The run's augmentation: the settings' named preset with the geometry the configuration's patch
+    and spacing call for (``extra``: the cascade's one-hot mask channels)."""
+    geometry = choose_geometry(
+        config.patch_size, slice_axis(config.spacing), config.slice_axis, plans.anisotropy_threshold
+    )
+    return Augmenter(
+        AUGMENTATIONS.get(settings.augmentation), len(plans.channel_names), extra, geometry, config.patch_size
+    )
 
 
 def num_folds(work: Path, requested: int | None = None) -> int:
@@ -304,10 +307,15 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
     detached tensor: reading its value would wait for the GPU, so the loop does that only now and then."""
     accumulate = max(1, run.settings.accumulate)
     stepping = (run.state.iteration + 1) % accumulate == 0
-    image = batch["image"].to(run.device, non_blocking=True)
-    label = batch["label"].to(run.device, non_blocking=True)
     if "params" in batch:  # the workers only cropped: augment here, on the device, the batch at once
-        image, label = augment_batch(run.augmenter, image, label, batch["params"], run.config.patch_size)
+        params, patch = batch["params"], run.config.patch_size
+        extent = batch_extent(patch, params)
+        image = stack_crops(batch["image"], extent, run.device)
+        label = stack_crops(batch["label"], extent, run.device)
+        image, label = augment_batch(run.augmenter, image, label, params, patch)
+    else:
+        image = batch["image"].to(run.device, non_blocking=True)
+        label = batch["label"].to(run.device, non_blocking=True)
     if run.settings.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     label = label.long().clamp_min(0)  # "outside the non-zero mask" (-1) is background to the loss

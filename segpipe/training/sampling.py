@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from segpipe.augmentation.batched import augment_batch, batch_extent
-from segpipe.augmentation.draw import Augmenter
+from segpipe.augmentation.batched import augment_batch, batch_extent, center_pad_or_crop
+from segpipe.augmentation.draw import Augmenter, source_extent
 from segpipe.core.paths import CaseFilesOnDisk
 from segpipe.preprocessing.cascade import one_hot
 
@@ -135,37 +135,56 @@ class PatchBatches(IterableDataset):
             yield self.make_batch(rng)
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, Any]:
-        """One batch of crops. With an augmenter every crop has the batch's common source extent
-        (:func:`batch_extent`) and the drawn parameters travel along as ``params``; the augmentation
-        itself runs here when ``augment_in_workers``, else in the training process (on its device)."""
+        """One batch of crops, with the drawn augmentation parameters when there is an augmenter.
+
+        Augmenting here (``augment_in_workers``), every crop has the batch's common source extent
+        (:func:`batch_extent`) and the batch comes out augmented. Augmenting on the training device,
+        each sample's crop has its own :func:`source_extent` and ``image``/``label`` are lists: less to
+        copy to the device, where :func:`stack_crops` pads them to the common extent."""
         spec = self.spec
         cases = self.cases
         n_random = round(spec.batch_size * (1 - spec.oversample_foreground))
         drawn = [self.augmenter.draw(rng) for _ in range(spec.batch_size)] if self.augmenter else None
-        extent = batch_extent(spec.patch_size, drawn) if drawn else spec.patch_size
+        common = batch_extent(spec.patch_size, drawn) if drawn else spec.patch_size
+        per_sample = drawn is not None and not self.augment_in_workers
         images, labels = [], []
         for i in range(spec.batch_size):
             case = cases.get(spec.case_ids[rng.integers(len(spec.case_ids))])
             center = choose_center(case.image.shape[1:], spec.patch_size, case.coords, i >= n_random, rng)
+            extent = source_extent(spec.patch_size, drawn[i]) if per_sample else common
             image = crop_padded(case.image, center, extent)
             if case.previous is not None:
                 previous = crop_padded(case.previous[None], center, extent)[0]
                 image = np.concatenate([image, one_hot(previous, len(spec.foreground_classes) + 1)])
             images.append(image)
             labels.append(crop_padded(case.label[None], center, extent))
+        if per_sample:  # the label keeps the stored class dtype: int8, or int16
+            crops = [torch.from_numpy(i).float() for i in images], [torch.from_numpy(lb) for lb in labels]
+            return {"image": crops[0], "label": crops[1], "params": drawn}
         batch: dict[str, Any] = {
             "image": torch.from_numpy(np.stack(images)).float(),
-            "label": torch.from_numpy(np.stack(labels)),  # the stored class dtype: int8, or int16
+            "label": torch.from_numpy(np.stack(labels)),
         }
         if drawn is None:
-            return batch
-        if not self.augment_in_workers:
-            batch["params"] = drawn
             return batch
         assert self.augmenter is not None
         image, label = augment_batch(self.augmenter, batch["image"], batch["label"], drawn, spec.patch_size)
         batch["image"], batch["label"] = image, label
         return batch
+
+
+def stack_crops(crops: list[torch.Tensor], extent: list[int], device: torch.device) -> torch.Tensor:
+    """Per-sample crops of different extents, copied to ``device`` as they are and zero-padded there to
+    the common ``extent`` (:func:`center_pad_or_crop` keeps :func:`crop_padded`'s centring, and a sample's
+    transform reads nothing outside its own source extent, so the result equals cropping at ``extent``)."""
+    return torch.stack([center_pad_or_crop(c.to(device, non_blocking=True), extent) for c in crops])
+
+
+def batch_bytes(batch: dict[str, Any]) -> int:
+    """Bytes of a batch's image and label tensors (what travels to the training device)."""
+    parts = [batch["image"], batch["label"]]
+    tensors = [t for part in parts for t in (part if isinstance(part, list) else [part])]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_loader(dataset: PatchBatches, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 
 from segpipe.core.atomic import read_json, write_json
@@ -473,3 +474,47 @@ def test_batch_dice_per_configuration_as_nnunet(preset: PlannerPreset) -> None:
     }
     small = plan_dataset(make_fingerprint([[1, 1, 1]] * 3, [[40, 40, 40]] * 3), preset, LABELS)
     assert {n: c.batch_dice for n, c in small.configurations.items()} == {TWO_D: True, FULLRES: False}
+
+
+@pytest.mark.parametrize("num_classes", [14, 100])
+def test_memory_model_against_the_tensors_training_really_stores(num_classes: int, preset: PlannerPreset) -> None:
+    """Plan a 14- and a 100-class CT-like fingerprint, then measure on the CPU what one training step
+    keeps for backward (every tensor autograd saves, counted by a saved-tensor hook) in the network
+    (bf16 autocast, as on a GPU) and in the loss over the deep-supervision heads, and compare with the
+    planner's two terms. Measured at a small valid patch: both terms scale with the voxels."""
+    from segpipe.networks.build import build_network
+    from segpipe.planning.planner import BYTES_PER_HEAD_CLASS_VOXEL
+    from segpipe.training.losses import build_loss
+
+    labels = {"background": 0, **{f"organ_{k}": k for k in range(1, num_classes)}}
+    plans = plan_dataset(make_fingerprint([[1.0, 1.0, 1.0]] * 10, [[256, 256, 256]] * 10), preset, labels)
+    config = plans.configuration(FULLRES)
+    budget = preset.gpu_memory_gb * 1024**3
+    assert estimate_memory_bytes(config.patch_size, config.topology, config.batch_size, num_classes) <= budget
+
+    patch = [2 * d for d in config.topology.divisor()]  # a bottleneck of 2 voxels a side (norms need > 1)
+    torch.manual_seed(0)
+    network = build_network(config, 1, num_classes, True, 0)
+    loss = build_loss("dice_ce", config.batch_dice)
+    saved = [0]
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    x = torch.randn(1, 1, *patch)
+    y = torch.randint(0, num_classes, (1, 1, *patch))
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            heads = network(x)
+        in_network, saved[0] = saved[0], 0
+        loss(heads, y)
+        in_loss = saved[0]
+    class_voxels = sum(h.numel() for h in heads)  # every head, each at its own resolution
+    assert len(heads) == max(config.topology.num_stages - 2, 1)  # the heads the model counts are those built
+    activations = estimate_memory_bytes(patch, config.topology, 1, 0)
+    head_estimate = estimate_memory_bytes(patch, config.topology, 1, num_classes) - activations
+    assert head_estimate == pytest.approx(class_voxels * BYTES_PER_HEAD_CLASS_VOXEL)
+    # the loss saves ~16 B per class and voxel; its float32 gradient of the logits adds 4 more at backward
+    assert 0.7 < (in_loss + 4 * class_voxels) / head_estimate < 1.3
+    assert 0.6 < in_network / activations < 1.5

@@ -31,6 +31,7 @@ from segpipe.planning.plans import TrainingSettings, load_plans
 from segpipe.runs.checkpoint import FINAL, LATEST, load_checkpoint
 from segpipe.runs.snapshots import SWA_FILE, list_snapshots
 from segpipe.training.loop import fit, setup, train_step
+from segpipe.training.sampling import PatchBatches
 from segpipe.training.schedules import cycle_ends, learning_rate, poly, sgdr_cycle_ends, training_progress
 
 REPO = Path(__file__).resolve().parents[2]
@@ -544,3 +545,36 @@ def test_ranks_agree_on_the_clock_every_tenth_iteration_and_see_the_same_seconds
     readings = iter([0.0, 1.5, 3.0])
     plain = SharedClock(5.0, 0.0, 10, False, lambda v: pytest.fail("no broadcast"), now=lambda: next(readings))
     assert [plain.tick(1), plain.tick(2)] == [6.5, 8.0]
+
+
+def test_on_device_augmentation_sends_each_sample_only_its_own_crop(prepared_work: Path, tmp_path: Path) -> None:
+    """The workers crop each sample to its own source extent (not the batch's largest); padded on the
+    device to the common extent, the augmented batch is the one the workers would have made."""
+    from segpipe.augmentation.batched import augment_batch, batch_extent
+    from segpipe.training.sampling import batch_bytes, stack_crops
+
+    if "test-rotating" not in AUGMENTATIONS.names():
+        AUGMENTATIONS.register("test-rotating")(AugmentationConfig(p_noise=0.5, p_rotation=0.7, p_scale=0.5))
+    overrides = {"num_workers": 0, "num_folds": 2, "augmentation": "test-rotating"}
+    run = setup(copy_work(prepared_work, tmp_path / "w"), CONFIG, 0, overrides, device="cpu")
+    patch, saved = run.config.patch_size, 0
+    for seed in range(4):
+        workers, device = (
+            PatchBatches(run.train_spec, 1, 0, 0, run.augmenter, augment_in_workers=w).make_batch(
+                np.random.default_rng(seed)
+            )
+            for w in (True, False)
+        )
+        extent = batch_extent(patch, device["params"])
+        sizes = [list(c.shape[1:]) for c in device["image"]]
+        assert [list(c.shape[1:]) for c in device["label"]] == sizes
+        assert all(s == patch for s, p in zip(sizes, device["params"]) if not p.spatial)
+        image = stack_crops(device["image"], extent, torch.device("cpu"))
+        label = stack_crops(device["label"], extent, torch.device("cpu"))
+        image, label = augment_batch(run.augmenter, image, label, device["params"], patch)
+        torch.testing.assert_close(image, workers["image"], atol=1e-5, rtol=0)
+        assert torch.equal(label, workers["label"])
+        common = len(sizes) * math.prod(extent) * (4 * image.shape[1] + label.element_size())
+        assert batch_bytes(device) <= common
+        saved += common - batch_bytes(device)
+    assert saved > 0  # some batch mixed extents
