@@ -238,6 +238,59 @@ def test_sharded_prediction_predicts_every_case_once(
         assert np.array_equal(a, b), case
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@requires_gloo
+def test_two_nodes_on_one_shared_folder_predict_each_case_once_and_spare_each_others_files(
+    trained_work: Path, synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    """Two torchrun groups, one per fake "node" (their own host names), one rank each, predicting into
+    one shared output folder: every case once, the manifest merged from both ranks' shards, and a
+    temporary file of another host left alone even though its process id is dead here."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    images = sorted((synthetic_dataset / "imagesTr").glob("*.nii.gz"))[:5]
+    for image in images:
+        shutil.copy(image, inputs / image.name)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
+    elsewhere = out / f".synth_000.nii.gz.@node-c.{dead}.abcdefgh.tmp.nii.gz"  # a third machine's writer
+    ours = out / f".synth_001.nii.gz.@node-a.{dead}.abcdefgh.tmp.nii.gz"  # node-a's killed writer
+    for path in (elsewhere, ours):
+        path.write_bytes(b"partial")
+    port = free_port()
+    procs = []
+    for node, host in enumerate(("node-a", "node-b")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(REPO / "cli.py"), "predict", "-i", str(inputs), "-o", str(out), "-m", str(trained_work),
+               "--folds", "0", "--device", "cpu", "--no-tta"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SEGPIPE_HOST": host}
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+    cases = sorted(p.name[: -len(".nii.gz")] for p in images)
+    reports = [read_json(out / f"predict.rank{r}.json") for r in range(2)]
+    assert [r["cases"] for r in reports] == [cases[0::2], cases[1::2]]
+    assert sorted(reports[0]["predicted"] + reports[1]["predicted"]) == cases  # each case once
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+    manifest = read_json(out / ".segpipe_manifest.json")["cases"]
+    assert sorted(manifest) == cases  # merged from both ranks' shards by rank 0
+    assert not list(out.glob(".segpipe_manifest.rank*"))
+    assert elsewhere.exists() and not ours.exists()
+
+
 # ------------------------------------------------------------------------------------------ one fold per GPU
 
 
