@@ -683,3 +683,24 @@ def test_verbose_prints_the_traceback(tmp_path: Path) -> None:
     assert quiet.exit_code == loud.exit_code == 1
     assert "Traceback" not in quiet.output and "error:" in quiet.output
     assert "Traceback (most recent call last)" in loud.output and loud.output.rstrip().endswith(quiet.output.rstrip())
+
+
+def test_training_out_of_memory_names_what_to_try(
+    model_work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training step that runs out of device memory (injected): one line that says what to change,
+    and with --verbose the traceback too."""
+    import segpipe.training.loop
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(segpipe.training.loop, "train_step", out_of_memory)
+    work = tmp_path / "w"
+    shutil.copytree(model_work, work, ignore=lambda folder, names: [CONFIG] if Path(folder) == model_work else [])
+    quiet = run_cli("train", work, *TRAIN_ARGS.split())
+    output = failed(quiet)
+    assert "error: CUDA out of memory. Tried to allocate 2.00 GiB (try a preset with a smaller patch or batch" in output
+    assert "--device cpu" in output and "Traceback" not in output
+    loud = run_cli("--verbose", "train", work, *TRAIN_ARGS.split(), "--resume")
+    assert loud.exit_code == 1 and "Traceback (most recent call last)" in loud.output
