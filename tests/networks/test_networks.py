@@ -150,30 +150,43 @@ def test_resenc_preset_selects_resenc(synthetic_dataset: Path, tmp_path: Path) -
     assert {c["network"]["name"] for c in read_json(work / "plans.json")["configurations"].values()} == {"resenc"}
 
 
-@pytest.mark.parametrize("name", ["dynunet", "resenc", "segresnet"])
-def test_every_network_trains_under_ddp(name: str) -> None:
-    """DistributedDataParallel (a one-process gloo group) over each network with its heads: two steps,
-    so an unused parameter (DDP's reducer would wait for its gradient) fails the second one."""
-    import socket
+DDP_STEPS = """
+import socket, sys
+import torch, torch.distributed as dist
+from segpipe.networks.build import build_network
+from segpipe.planning.plans import Configuration, NetworkSpec, Topology
+from segpipe.training.losses import build_loss
 
-    import torch.distributed as dist
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+topology = Topology(*TOPOLOGY)
+for name in sys.argv[1:]:
+    config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, topology, "x", network=NetworkSpec(name))
+    model = torch.nn.parallel.DistributedDataParallel(build_network(config, 1, 3, deep_supervision=True))
+    loss, optimizer = build_loss("dice_ce", batch_dice=False), torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        value = loss(model(torch.randn(2, 1, 32, 32, 32)), torch.randint(0, 3, (2, 1, 32, 32, 32)))
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(name, "ok")
+dist.destroy_process_group()
+"""
 
-    from segpipe.training.losses import build_loss
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec(name))
-        model = torch.nn.parallel.DistributedDataParallel(build_network(config, 1, 3, deep_supervision=True))
-        loss = build_loss("dice_ce", batch_dice=False)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        for _ in range(2):
-            value = loss(model(torch.randn(2, 1, 32, 32, 32)), torch.randint(0, 3, (2, 1, 32, 32, 32)))
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        assert all(p.grad is None for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
+def test_every_network_trains_under_ddp() -> None:
+    """DistributedDataParallel (a one-process gloo group, in its own process: a process group per test
+    process) over each network with its heads: two steps, so an unused parameter (DDP's reducer would
+    wait for its gradient) fails the second one."""
+    import os
+    import subprocess
+    import sys
+
+    script = DDP_STEPS.replace("TOPOLOGY", repr((TOPO_3D.kernel_sizes, TOPO_3D.strides, TOPO_3D.features)))
+    names = ["dynunet", "resenc", "segresnet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [w for n in names for w in (n, "ok")]

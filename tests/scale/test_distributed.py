@@ -284,7 +284,7 @@ def test_two_nodes_on_one_shared_folder_predict_each_case_once_and_spare_each_ot
     reports = [read_json(out / f"predict.rank{r}.json") for r in range(2)]
     assert [r["cases"] for r in reports] == [cases[0::2], cases[1::2]]
     assert sorted(reports[0]["predicted"] + reports[1]["predicted"]) == cases  # each case once
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+    assert sorted(p.name for p in out.glob("[!.]*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
     manifest = read_json(out / ".segpipe_manifest.json")["cases"]
     assert sorted(manifest) == cases  # merged from both ranks' shards by rank 0
     assert not list(out.glob(".segpipe_manifest.rank*"))
