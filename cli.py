@@ -197,6 +197,13 @@ def _folds(value: str) -> list[int]:
 @click.option("--no-validation", is_flag=True, help="Skip predicting the fold's validation cases at the end.")
 @click.option("--no-val-tta", is_flag=True, help="Predict the validation cases without mirroring (8x faster on CPU).")
 @click.option("--gpus", default=None, help="GPU ids (0,1,2,3): train the folds in parallel, one process per GPU.")
+@click.option(
+    "--overrides",
+    "overrides_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="JSON of setting overrides (e.g. WORK/tune/best.json); options given here win over it.",
+)
 def train(
     work: Path,
     config: str,
@@ -207,18 +214,23 @@ def train(
     no_validation: bool,
     no_val_tta: bool,
     gpus: str | None,
+    overrides_file: Path | None,
     **overrides: object,
 ) -> None:
     """Train one fold (or all); at the end predict its validation cases and write validation/summary.json.
 
     Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
     from segpipe.evaluation.metrics import summary_table
+    from segpipe.planning.overrides import load_overrides
     from segpipe.runs.runlog import say
     from segpipe.scale import distributed
     from segpipe.training.loop import fit, num_folds, setup
     from segpipe.training.validation import validate_fold
 
     try:
+        if overrides_file is not None:
+            given = {k: v for k, v in overrides.items() if v is not None}
+            overrides = {**load_overrides(overrides_file).as_dict(), **given}
         folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
         if gpus:
             _train_on_gpus(work, config, folds, _folds(gpus), device)
