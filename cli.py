@@ -200,6 +200,13 @@ def _folds(value: str) -> list[int]:
 @click.option("--no-validation", is_flag=True, help="Skip predicting the fold's validation cases at the end.")
 @click.option("--no-val-tta", is_flag=True, help="Predict the validation cases without mirroring (8x faster on CPU).")
 @click.option("--gpus", default=None, help="GPU ids (0,1,2,3): train the folds in parallel, one process per GPU.")
+@click.option(
+    "--overrides",
+    "overrides_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="JSON of setting overrides (e.g. WORK/tune/best.json); options given here win over it.",
+)
 def train(
     work: Path,
     config: str,
@@ -210,6 +217,7 @@ def train(
     no_validation: bool,
     no_val_tta: bool,
     gpus: str | None,
+    overrides_file: Path | None,
     **overrides: object,
 ) -> None:
     """Train one fold (or all); at the end predict its validation cases and write validation/summary.json.
@@ -217,12 +225,16 @@ def train(
     Under torchrun (one process per GPU) the folds train with DistributedDataParallel."""
     from segpipe.core.errors import TRAIN_MEMORY_REMEDY
     from segpipe.evaluation.metrics import summary_table
+    from segpipe.planning.overrides import load_overrides
     from segpipe.runs.runlog import say
     from segpipe.scale import distributed
     from segpipe.training.loop import fit, num_folds, setup
     from segpipe.training.validation import validate_fold
 
     try:
+        if overrides_file is not None:
+            given = {k: v for k, v in overrides.items() if v is not None}
+            overrides = {**load_overrides(overrides_file).as_dict(), **given}
         folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
         if gpus:
             _train_on_gpus(work, config, folds, _folds(gpus), device)
@@ -279,6 +291,106 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
         else:
             args += [param.opts[0], str(value)]
     return args
+
+
+def _optional_fold(value: str) -> int | None:
+    return None if value.lower() in ("none", "") else int(value)
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--config", default="3d_fullres", show_default=True, help="Configuration to tune.")
+@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True, help="Fold the search validates on.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Finished trials in all.")
+@click.option("--min-budget", type=POSITIVE, default=100, show_default=True, help="Seconds: the lowest rung.")
+@click.option("--max-budget", type=POSITIVE, default=900, show_default=True, help="Seconds: each trial's budget.")
+@click.option("--space", default="default", show_default=True, help="Search space: a name in plans/search/ or a path.")
+@click.option("--storage", default=None, help="Optuna RDB URL (default sqlite:///WORK/tune/<study>.db).")
+@click.option("--study", default=None, help="Study name (default <config>_fold<fold>).")
+@click.option(
+    "--pruner",
+    type=click.Choice(["hyperband", "successive_halving", "none"]),
+    default="hyperband",
+    show_default=True,
+)
+@click.option("--reduction-factor", type=click.IntRange(min=2), default=3, show_default=True, help="Pruner's eta.")
+@click.option("--seed", type=int, default=None, help="Sampler seed (parallel workers: a different one each).")
+@click.option(
+    "--heartbeat",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="Seconds; a trial silent for twice this (a killed worker) is failed and queued again.",
+)
+@click.option("--val-tta/--no-val-tta", default=False, show_default=True, help="Mirroring in trial validation.")
+@click.option(
+    "--confirm-fold", default="1", show_default=True, help="Re-train best and default settings on this fold ('none')."
+)
+@click.option("--device", default="auto", show_default=True)
+def tune(
+    work: Path,
+    config: str,
+    fold: int,
+    trials: int,
+    min_budget: float,
+    max_budget: float,
+    space: str,
+    storage: str | None,
+    study: str | None,
+    pruner: str,
+    reduction_factor: int,
+    seed: int | None,
+    heartbeat: int,
+    val_tta: bool,
+    confirm_fold: str,
+    device: str,
+) -> None:
+    """Search training hyper-parameters with Optuna: time-budgeted trials, pruned at rungs; writes
+    WORK/tune/best.json (for train --overrides) and WORK/tune/report.html. Re-run to resume; run it in
+    several processes with one --storage to search in parallel."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        _fail(RuntimeError("segpipe tune needs Optuna: pip install 'segpipe[tune]'"))
+    from segpipe.tuning.report import write_best, write_report
+    from segpipe.tuning.study import SearchOptions, confirm, run_search, tune_dir
+
+    options = SearchOptions(
+        config=config,
+        fold=fold,
+        trials=trials,
+        min_budget=min_budget,
+        max_budget=max_budget,
+        space=space,
+        storage=storage,
+        study=study,
+        device=device,
+        pruner=pruner,
+        reduction_factor=reduction_factor,
+        seed=seed,
+        heartbeat=heartbeat,
+        tta=val_tta,
+        confirm_fold=_optional_fold(confirm_fold),
+    )
+    try:
+        found = run_search(work, options)
+        best = write_best(tune_dir(work), found)
+        if best is None:
+            click.echo("no trial completed: no best.json yet")
+        else:
+            click.echo(
+                f"best trial {found.best_trial.number}: validation Dice {found.best_trial.value:.4f}; wrote {best}"
+            )
+            confirmed = confirm(work, found, options)
+            if confirmed is not None:
+                click.echo(
+                    f"fold {confirmed['confirm_fold']}: best {confirmed['confirm_fold_dice']:.4f}, "
+                    f"defaults {confirmed['defaults_confirm_fold_dice']:.4f} "
+                    f"(fold {confirmed['search_fold']}: best {confirmed['search_fold_dice']:.4f})"
+                )
+        click.echo(f"wrote {write_report(tune_dir(work), found)}")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        _fail(exc)
 
 
 @main.command()

@@ -34,6 +34,8 @@ ALLOWED = {
         "evaluation",
     },
     "evaluation": {"core", "data", "planning", "runs", "inference"},
+    # the top: searches run training and its validation inference; nothing imports it
+    "tuning": {"core", "planning", "preprocessing", "augmentation", "runs", "training", "evaluation"},
 }
 
 
@@ -67,3 +69,7 @@ def test_metrics_know_nothing_of_runs_and_inference_nothing_of_training():
     modules = {n.module for n in ast.walk(metrics) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m.startswith(("segpipe.runs", "segpipe.training")) for m in modules)
     assert "training" not in _imports().get("inference", set())
+
+
+def test_nothing_below_the_top_imports_tuning():
+    assert not [src for src, dst in _imports().items() if "tuning" in dst]

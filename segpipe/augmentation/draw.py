@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -83,8 +83,31 @@ class AugmentationConfig:
     mask: MaskAugmentationConfig = field(default_factory=MaskAugmentationConfig)  # cascade stage-1 channels
 
 
+# The per-sample probabilities of the intensity and spatial transforms (mirroring and the cascade's
+# mask transforms keep theirs): what the strength presets below scale.
+STRENGTH_PROBABILITIES = (
+    "p_rotation",
+    "p_scale",
+    "p_noise",
+    "p_blur",
+    "p_brightness",
+    "p_contrast",
+    "p_lowres",
+    "p_gamma_inverted",
+    "p_gamma",
+)
+
+
+def with_strength(config: AugmentationConfig, factor: float) -> AugmentationConfig:
+    """``config`` with every transform probability of :data:`STRENGTH_PROBABILITIES` times ``factor``
+    (capped at 1): one knob for the augmentation strength, for presets and searches."""
+    return replace(config, **{k: min(1.0, getattr(config, k) * factor) for k in STRENGTH_PROBABILITIES})
+
+
 AUGMENTATIONS: Registry[AugmentationConfig] = Registry("augmentation preset")
 AUGMENTATIONS.register("default")(AugmentationConfig())
+AUGMENTATIONS.register("light")(with_strength(AugmentationConfig(), 0.5))
+AUGMENTATIONS.register("strong")(with_strength(AugmentationConfig(), 1.5))
 AUGMENTATIONS.register("none")(
     AugmentationConfig(
         p_rotation=0,

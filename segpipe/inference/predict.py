@@ -54,6 +54,7 @@ from segpipe.preprocessing.cascade import MissingPreviousStage, read_previous_st
 from segpipe.preprocessing.preprocess import PreprocessedCase, preprocess_case
 from segpipe.preprocessing.resampling import resample_probabilities
 from segpipe.runs.checkpoint import FINAL
+from segpipe.runs.run_config import members_configuration
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo, device_for, gather_reports, shard
 
@@ -332,7 +333,9 @@ def predict_folder(
     see :func:`merge_ranks`."""
     dev = device_for(resolve_device(device), dist)
     plans = load_plans(WorkDir(work).plans)
-    config = plans.configuration(config_name)
+    # the configuration the members trained (run overrides may have changed patch, batch or width)
+    run_dirs = [WorkDir(work).run(config_name, f) for f in members.folds]
+    config = members_configuration(run_dirs, plans.configuration(config_name))
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
     models = load_members(work, plans, config, members, dev)

@@ -38,6 +38,7 @@ from segpipe.core.serialization import from_dict, to_dict
 from segpipe.evaluation.metrics import target_key
 from segpipe.inference.predict import amp_dtype_for, resolve_device
 from segpipe.networks.build import build_network
+from segpipe.planning.overrides import Overrides, RunOverrides, apply_run_overrides, split_overrides, train_subset
 from segpipe.planning.planner import slice_axis
 from segpipe.planning.plans import Configuration, Plans, TrainingSettings, load_plans
 from segpipe.planning.splits import load_or_create_splits
@@ -45,6 +46,7 @@ from segpipe.preprocessing.cascade import prepare_training_inputs
 from segpipe.preprocessing.preprocess import list_preprocessed
 from segpipe.runs import runlog
 from segpipe.runs.checkpoint import BEST, FINAL, LATEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from segpipe.runs.run_config import run_configuration, save_run_configuration
 from segpipe.runs.snapshots import SWA_FILE, WeightAverage, has_batch_norm, snapshot_path
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo
@@ -144,6 +146,7 @@ class TrainingRun:
     dist: DistInfo = SINGLE
     ddp: nn.Module | None = None  # the DDP wrapper of ``model`` under torchrun
     compiled: nn.Module | None = None  # torch.compile of the DDP wrapper or the model (settings.compile)
+    run_overrides: RunOverrides = field(default_factory=RunOverrides)  # stored in checkpoints for resume
 
     @property
     def forward_model(self) -> nn.Module:
@@ -175,8 +178,9 @@ def setup(
     every rank builds the same run with its share of the batch."""
     wd = WorkDir(work)
     plans = load_plans(wd.plans)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    config = plans.configuration(config_name)
+    split_up = split_overrides(overrides or {})
+    overrides, run_overrides = split_up.training, split_up.run
+    config = apply_run_overrides(plans.configuration(config_name), run_overrides)
     run_dir = wd.run(config_name, fold)
     if dist.is_main:  # rank 0 alone writes the run folder
         remove_stale_temporaries(run_dir)  # a checkpoint half-written by a killed run
@@ -188,6 +192,8 @@ def setup(
             raise RuntimeError(f"{latest}: was trained with different plans than {wd.plans}; start a new run")
         settings = from_dict(TrainingSettings, {**ckpt["settings"], **overrides})
         time_budget = time_budget if time_budget is not None else ckpt.get("time_budget")
+        config = _resumed_configuration(run_dir, config, run_overrides)
+        run_overrides = from_dict(RunOverrides, ckpt.get("run_overrides") or {})
     elif latest.exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or remove the folder")
     else:
@@ -204,6 +210,8 @@ def setup(
     if not 0 <= fold < len(splits):
         raise ValueError(f"fold {fold} does not exist: {wd.splits} has {len(splits)} folds")
     split = splits[fold]
+    if dist.is_main and ckpt is None:
+        save_run_configuration(run_dir, config, Overrides(overrides, run_overrides).as_dict())
 
     dev = distributed.device_for(resolve_device(device), dist)
     batch_size = distributed.per_rank_batch(config.batch_size, dist)
@@ -241,12 +249,13 @@ def setup(
         scaler=scaler,
         device=dev,
         amp_dtype=amp,
-        train_spec=spec(split["train"]),
+        train_spec=spec(train_subset(split["train"], run_overrides.train_fraction)),
         val_spec=spec(split["val"]),
         augmenter=build_augmenter(plans, config, settings, extra),
         time_budget=time_budget,
         swa=WeightAverage() if settings.swa else None,
         dist=dist,
+        run_overrides=run_overrides,
     )
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -298,7 +307,17 @@ def _checkpoint(run: TrainingRun) -> dict[str, Any]:
         "plans_hash": run.plans.fingerprint_hash(),
         "rng": rng_state(),
         "swa": run.swa.state_dict() if run.swa is not None else None,
+        "run_overrides": to_dict(run.run_overrides),
     }
+
+
+def _resumed_configuration(run_dir: Path, requested: Configuration, run_overrides: RunOverrides) -> Configuration:
+    """A resumed run keeps the configuration it started with: its weights fit no other. Run overrides
+    given again must produce that same configuration."""
+    recorded = run_configuration(run_dir, requested)
+    if run_overrides != RunOverrides() and recorded != requested:
+        raise ValueError(f"{run_dir}: was started with another configuration than these overrides give")
+    return recorded
 
 
 def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -466,8 +485,14 @@ def update_ema_dice(state: RunState, dice: float) -> bool:
     return False
 
 
-def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
-    """Train until progress reaches 1; checkpoint, log and plot after every epoch (under DDP: rank 0)."""
+# Called after every epoch with the run and the epoch's validation metrics (pseudo-Dice); True stops
+# training there (e.g. a pruned search trial). Under DDP rank 0's answer counts for all ranks.
+EpochEnd = Callable[["TrainingRun", dict[str, float]], bool]
+
+
+def fit(run: TrainingRun, num_workers: int | None = None, on_epoch_end: EpochEnd | None = None) -> RunState:
+    """Train until progress reaches 1 (or ``on_epoch_end`` says stop: then without the final checkpoint);
+    checkpoint, log and plot after every epoch (under DDP: rank 0)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     settings = run.settings
     main = run.dist.is_main
@@ -528,33 +553,41 @@ def fit(run: TrainingRun, num_workers: int | None = None) -> RunState:
         run.state.seconds = distributed.agree(seconds_before + time.perf_counter() - started)
         run.state.epoch += 1
         train_loss = distributed.mean_over_ranks(float(torch.stack(losses).mean()) if losses else math.nan)
-        if not main:
-            continue
-        improved = update_ema_dice(run.state, metrics["mean_dice"])
-        row = {
-            "epoch": epoch,
-            "iteration": run.state.iteration,
-            "train_loss": train_loss,
-            **metrics,
-            "ema_dice": run.state.ema_dice,
-            "lr": lr,
-            "epoch_seconds": round(time.perf_counter() - started, 2),
-            "elapsed_seconds": round(run.state.seconds, 2),
-        }
-        runlog.append_row(run.run_dir / "log.csv", row)
-        runlog.plot_progress(run.run_dir / "log.csv", run.run_dir / "progress.png")
-        checkpoint = _checkpoint(run)
-        save_checkpoint(run.run_dir / LATEST, checkpoint)
-        if improved:
-            save_checkpoint(run.run_dir / BEST, checkpoint)
-        runlog.say(
-            run.run_dir,
-            f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-            f"pseudo-Dice {metrics['mean_dice']:.4f} (EMA {_fmt(run.state.ema_dice)}{', best' if improved else ''}), "
-            f"lr {lr:.2e}, {row['epoch_seconds']} s",
-        )
+        if main:
+            _end_epoch(run, epoch, metrics, train_loss, lr, started)
+        if on_epoch_end is not None and distributed.agree(float(main and on_epoch_end(run, metrics))):
+            return run.state  # stopped early: the latest checkpoint holds this epoch
     if main:
         save_checkpoint(run.run_dir / FINAL, _checkpoint(run))
         save_swa(run)
     distributed.barrier()  # the other ranks go on once rank 0's files are written
     return run.state
+
+
+def _end_epoch(
+    run: TrainingRun, epoch: int, metrics: dict[str, float], train_loss: float, lr: float, started: float
+) -> None:
+    """Rank 0 after an epoch: the moving-average pseudo-Dice, ``log.csv``, the plot, the checkpoints."""
+    improved = update_ema_dice(run.state, metrics["mean_dice"])
+    row = {
+        "epoch": epoch,
+        "iteration": run.state.iteration,
+        "train_loss": train_loss,
+        **metrics,
+        "ema_dice": run.state.ema_dice,
+        "lr": lr,
+        "epoch_seconds": round(time.perf_counter() - started, 2),
+        "elapsed_seconds": round(run.state.seconds, 2),
+    }
+    runlog.append_row(run.run_dir / "log.csv", row)
+    runlog.plot_progress(run.run_dir / "log.csv", run.run_dir / "progress.png")
+    checkpoint = _checkpoint(run)
+    save_checkpoint(run.run_dir / LATEST, checkpoint)
+    if improved:
+        save_checkpoint(run.run_dir / BEST, checkpoint)
+    runlog.say(
+        run.run_dir,
+        f"epoch {epoch}: loss {row['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+        f"pseudo-Dice {metrics['mean_dice']:.4f} (EMA {_fmt(run.state.ema_dice)}{', best' if improved else ''}), "
+        f"lr {lr:.2e}, {row['epoch_seconds']} s",
+    )
