@@ -157,7 +157,13 @@ def _folds(value: str) -> list[int]:
     "--val-iters", type=click.IntRange(min=1), default=None, help="Validation batches per epoch (default 50)."
 )
 @click.option("--time-budget", type=POSITIVE, default=None, help="Seconds; the schedule runs over wall-clock time.")
-@click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
+@click.option(
+    "--schedule",
+    default=None,
+    help="A schedule preset (plans/schedules/: poly, sgdr3, sgdr-grow, fge, swa; its whole recipe, which "
+    "other options given here override) or a registered schedule (poly, constant, cosine, cyclic, "
+    "poly_constant). Default poly.",
+)
 @click.option("--optimizer", default=None, help="Optimizer: sgd (default, nnU-Net's) or adamw.")
 @click.option("--loss", default=None, help="Loss: dice_ce (default) or dice_topk.")
 @click.option("--lr", "initial_lr", type=POSITIVE, default=None, help="Initial learning rate (default 0.01).")
@@ -223,6 +229,11 @@ def train(
     from segpipe.training.validation import validate_fold
 
     try:
+        if overrides.get("schedule"):  # a preset's recipe, under the options given explicitly
+            from segpipe.training.schedules import schedule_overrides
+
+            recipe = schedule_overrides(str(overrides.pop("schedule")))
+            overrides = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
         folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
         if gpus:
             _train_on_gpus(work, config, folds, _folds(gpus), device)
