@@ -474,7 +474,13 @@ def report(work: Path, configs: str | None) -> None:
         _fail(exc)
     for row in result["candidates"]:
         click.echo(f"{row['name']:<40} mean Dice {row['mean_dice']:.4f}  ({row['num_cases']} cases)")
-    click.echo(f"recommended: {result['recommended']}\n{result['predict_command']}")
+    if result["under_trained"]:
+        click.echo("no recommendation: the models are under-trained")
+        for warning in result["warnings"]:
+            click.echo(f"- {warning}")
+    else:
+        click.echo(f"recommended: {result['recommended']}\n{result['recommendation']['text']}")
+        click.echo(result["predict_command"])
     click.echo(f"wrote {work / 'report' / 'report.html'}")
 
 
