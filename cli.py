@@ -157,7 +157,13 @@ def _folds(value: str) -> list[int]:
     "--val-iters", type=click.IntRange(min=1), default=None, help="Validation batches per epoch (default 50)."
 )
 @click.option("--time-budget", type=POSITIVE, default=None, help="Seconds; the schedule runs over wall-clock time.")
-@click.option("--schedule", default=None, help="Learning-rate schedule (default poly).")
+@click.option(
+    "--schedule",
+    default=None,
+    help="A schedule preset (plans/schedules/: poly, sgdr3, sgdr-grow, fge, swa; its whole recipe, which "
+    "other options given here override) or a registered schedule (poly, constant, cosine, cyclic, "
+    "poly_constant). Default poly.",
+)
 @click.option("--optimizer", default=None, help="Optimizer: sgd (default, nnU-Net's) or adamw.")
 @click.option("--loss", default=None, help="Loss: dice_ce (default) or dice_topk.")
 @click.option("--lr", "initial_lr", type=POSITIVE, default=None, help="Initial learning rate (default 0.01).")
@@ -232,9 +238,14 @@ def train(
     from segpipe.training.validation import validate_fold
 
     try:
+        given = {k: v for k, v in overrides.items() if v is not None}  # explicit options win
         if overrides_file is not None:
-            given = {k: v for k, v in overrides.items() if v is not None}
-            overrides = {**load_overrides(overrides_file).as_dict(), **given}
+            given = {**load_overrides(overrides_file).as_dict(), **given}
+        if given.get("schedule"):  # a preset's recipe, under everything given
+            from segpipe.training.schedules import schedule_overrides
+
+            given = {**schedule_overrides(str(given.pop("schedule"))), **given}
+        overrides = given
         folds = list(range(num_folds(work, overrides.get("num_folds")))) if fold == "all" else _folds(fold)
         if gpus:
             _train_on_gpus(work, config, folds, _folds(gpus), device)
@@ -575,7 +586,13 @@ def report(work: Path, configs: str | None) -> None:
         _fail(exc)
     for row in result["candidates"]:
         click.echo(f"{row['name']:<40} mean Dice {row['mean_dice']:.4f}  ({row['num_cases']} cases)")
-    click.echo(f"recommended: {result['recommended']}\n{result['predict_command']}")
+    if result["under_trained"]:
+        click.echo("no recommendation: the models are under-trained")
+        for warning in result["warnings"]:
+            click.echo(f"- {warning}")
+    else:
+        click.echo(f"recommended: {result['recommended']}\n{result['recommendation']['text']}")
+        click.echo(result["predict_command"])
     click.echo(f"wrote {work / 'report' / 'report.html'}")
 
 

@@ -16,8 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# the snapshot ensemble of the last cycles only (beside the one of all cycles), as the study compares them
+LAST_SNAPSHOTS = 2
 # out-of-fold prediction folders inside a run folder, one per candidate model of the fold
-VALIDATION_FOLDERS = {"final": "validation", "swa": "validation_swa", "snapshots": "validation_snapshots"}
+VALIDATION_FOLDERS = {
+    "final": "validation",
+    "swa": "validation_swa",
+    "snapshots": "validation_snapshots",
+    f"snapshots_last{LAST_SNAPSHOTS}": f"validation_snapshots_last{LAST_SNAPSHOTS}",
+}
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,14 @@ The last stage. Reads only run folders (``WORK/<config>/fold_<k>/``: ``validatio
 PNG plots they show. Every candidate (a configuration's final, SWA or snapshot-ensemble weights, or
 an ensemble of configurations averaging their saved probabilities) is scored on the same
 out-of-fold cases, each case predicted by the fold that did not train on it. Dice is recomputed
-here from the saved predictions, one case at a time (never more than one case in memory), and
-candidates are compared case by case with a Wilcoxon signed-rank test against the best one.
+here from the saved predictions, one case at a time (never more than one case in memory).
+
+The recommendation (:func:`recommend`): an ensemble, SWA or snapshot ensemble only where it beats its
+single model (the same configuration's final weights; for an ensemble of configurations, the best
+single model) case by case: a higher mean Dice and a two-sided Wilcoxon signed-rank p < 0.05 over
+the paired cases; else the single model with the highest mean Dice, with what each alternative gained
+or lost. When the runs are plainly under-trained (:func:`training_warnings`) the report says so at
+the top and recommends nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.atomic import atomic_write, read_json, write_json
+from segpipe.core.paths import LAST_SNAPSHOTS, WorkDir
 from segpipe.core.paths import VALIDATION_FOLDERS as CANDIDATE_FOLDERS
-from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.data.nifti import InputError
 from segpipe.evaluation.metrics import AFFINE_TOLERANCE, dice, load_label_map, mask_ignored, target_key
@@ -35,9 +41,16 @@ from segpipe.inference.postprocessing import load_decision
 from segpipe.planning.plans import Plans, load_plans
 from segpipe.runs.runlog import read_rows
 
-KIND_ORDER = {"final": 0, "swa": 1, "snapshots": 2, "ensemble": 3}  # simpler first: wins ties
+LAST_KIND = f"snapshots_last{LAST_SNAPSHOTS}"
+# simpler first: wins ties (fewer forward passes)
+KIND_ORDER = {"final": 0, "swa": 1, LAST_KIND: 2, "snapshots": 3, "ensemble": 4}
 MIN_PAIRED_CASES = 5  # fewer paired cases: no Wilcoxon p-value (null)
 TIE_TOLERANCE = 1e-9
+SIGNIFICANCE = 0.05  # an alternative to the single model needs p below this (and a higher mean)
+# under-training: the last tenth of the epochs (at least 3) against every earlier stretch as long
+TAIL_FRACTION, MIN_TAIL_EPOCHS = 0.1, 3
+RISE_MARGIN = 0.01  # Dice by which the last tenth's mean pseudo-Dice must top every earlier stretch
+FAR_BELOW = 0.5  # every candidate's out-of-fold Dice below this fraction of the fold's best pseudo-Dice
 
 
 @dataclass
@@ -103,7 +116,8 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
     candidates, skipped = _candidates(wd, configs, folds, splits)
     per_case = _score(wd, candidates, cases, gt, plans)
     rows = [_summarize(c, per_case[c.name], labels, wd, folds) for c in candidates]
-    best = recommend(rows)
+    recommendation = recommend(rows, per_case)
+    best = recommendation["name"]  # the rule's choice; withheld below when the runs are under-trained
     best_case_means = [r["mean_dice"] for r in per_case[best]]
     for row in rows:
         diff, p = paired_comparison([r["mean_dice"] for r in per_case[row["name"]]], best_case_means)
@@ -112,6 +126,8 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
 
     out = wd.report
     fold_rows, curves = _gather_folds(wd, configs, len(splits))
+    used = {c: {k: log for k, log in logs.items() if k in folds} for c, logs in curves.items()}
+    warnings_, unjudged = training_warnings(used, rows, per_case)
     report: dict[str, Any] = {
         "work": str(wd.root),
         "configs": configs,
@@ -122,10 +138,13 @@ def build_report(work: Path, configs: list[str] | None = None) -> dict[str, Any]
         "folds": fold_rows,
         "candidates": rows,
         "skipped_candidates": skipped,
-        "recommended": best,
-        "predict_command": predict_command(wd.root, chosen, folds),
+        "under_trained": bool(warnings_),
+        "warnings": warnings_,
+        "recommended": None if warnings_ else best,
+        "recommendation": recommendation,
+        "predict_command": None if warnings_ else predict_command(wd.root, chosen, folds),
         "postprocessing": {c: load_decision(wd.postprocessing(c)) for c in configs},
-        "notes": _notes(folds, len(splits), len(cases)),
+        "notes": _notes(folds, len(splits), len(cases), unjudged),
         "per_case": per_case,
         "plots": {  # file names inside WORK/report/
             "candidates": Path(
@@ -167,14 +186,124 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> tuple[float | N
     return float(d.mean()), (None if math.isnan(p) else p)
 
 
-def recommend(rows: list[dict[str, Any]]) -> str:
-    """The candidate with the highest mean Dice; a tie (within 1e-9) goes to the simpler kind."""
+def best_by_mean(rows: list[dict[str, Any]]) -> str:
+    """The row with the highest mean Dice; a tie (within 1e-9) goes to the simpler kind."""
     scored = [r for r in rows if not _isnan(r["mean_dice"])]
     if not scored:
         raise ValueError("no candidate has a finite mean Dice")
     top = max(r["mean_dice"] for r in scored)
     tied = [r for r in scored if r["mean_dice"] >= top - TIE_TOLERANCE]
     return min(tied, key=lambda r: (KIND_ORDER[r["kind"]], len(r["members"]), r["name"]))["name"]
+
+
+def recommend(rows: list[dict[str, Any]], per_case: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The candidate to use, with the evidence in words (see the module docstring).
+
+    Among the single models (final weights) the highest mean Dice; an alternative (SWA, snapshot
+    ensemble, configuration ensemble) replaces it only when it beats its own single model (same
+    configuration's final weights; the best single model for an ensemble of configurations) with a
+    positive mean difference and p < ``SIGNIFICANCE`` over the paired cases, and has a higher mean
+    Dice than the best single model. Returns ``{"name", "text", "comparisons"}``: one comparison per
+    alternative (baseline, mean difference, p, paired cases, whether it beats the baseline)."""
+    singles = [r for r in rows if r["kind"] == "final"]
+    single = best_by_mean(singles or rows)
+    means = {r["name"]: r["mean_dice"] for r in rows}
+    comparisons = []
+    for row in rows:
+        if row["name"] == single or row["kind"] == "final":
+            continue
+        own = f"{row['name'].split(':')[0]}:final"
+        baseline = own if row["kind"] != "ensemble" and own in means else single
+        diff, p, n = _paired(per_case[row["name"]], per_case[baseline])
+        beats = diff is not None and diff > 0 and p is not None and p < SIGNIFICANCE
+        comparisons.append(
+            {"name": row["name"], "baseline": baseline, "difference": diff, "p": p, "cases": n, "beats": beats}
+        )
+    winners = [r for r in rows if any(c["name"] == r["name"] and c["beats"] for c in comparisons)]
+    winners = [r for r in winners if r["mean_dice"] > means[single]]
+    name = best_by_mean(winners) if winners else single
+    lines = [_comparison_text(c) for c in comparisons]
+    if name == single:
+        head = f"Recommended: the single model {single}"
+        head += (
+            f": no ensemble or SWA beats its single model with p < {SIGNIFICANCE:g} and a higher mean Dice."
+            if comparisons
+            else "."
+        )
+        if len(singles) > 1:
+            head += f" It has the highest mean out-of-fold Dice of the single models ({means[single]:.4f})."
+    else:
+        chosen = next(c for c in comparisons if c["name"] == name)
+        head = f"Recommended: {name}. {_comparison_text(chosen)}"
+        lines = [line for c, line in zip(comparisons, lines) if c is not chosen]
+    return {"name": name, "single": single, "text": " ".join([head, *lines]), "comparisons": comparisons}
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float | None, float | None, int]:
+    """Mean difference, Wilcoxon p and number of the paired cases (both finite) of two candidates."""
+    x, y = [r["mean_dice"] for r in a], [r["mean_dice"] for r in b]
+    diff, p = paired_comparison(x, y)
+    return diff, p, sum(not (_isnan(u) or _isnan(v)) for u, v in zip(x, y))
+
+
+def _comparison_text(c: dict[str, Any]) -> str:
+    """One alternative against its single model, in words."""
+    evidence = f"{_fmt(c['difference'], '+.3f')} Dice, p = {_fmt(c['p'], '.2g')} over {c['cases']} cases"
+    if c["beats"]:
+        return f"{c['name']} beats {c['baseline']} by {evidence}."
+    return f"{c['name']} does not beat {c['baseline']}: {evidence}."
+
+
+def still_rising(pseudo_dice: Sequence[float]) -> tuple[float, int] | None:
+    """Whether a run's validation pseudo-Dice (one value per epoch) still rises at its end: the mean of
+    its last tenth of epochs (at least ``MIN_TAIL_EPOCHS``) exceeds the mean of every earlier stretch of
+    as many consecutive epochs by more than ``RISE_MARGIN``. Returns ``(rise, epochs in the tenth)``
+    when it does, None when it does not or when there are fewer than two tenths' worth of epochs."""
+    values = [float(v) for v in pseudo_dice if not _isnan(v)]
+    m = max(MIN_TAIL_EPOCHS, math.ceil(TAIL_FRACTION * len(values)))
+    if len(values) < 2 * m:
+        return None
+    tail = float(np.mean(values[-m:]))
+    earlier = max(float(np.mean(values[i : i + m])) for i in range(len(values) - 2 * m + 1))
+    return (tail - earlier, m) if tail - earlier > RISE_MARGIN else None
+
+
+def training_warnings(
+    curves: dict[str, dict[int, list[dict[str, str]]]],
+    rows: list[dict[str, Any]],
+    per_case: dict[str, list[dict[str, Any]]],
+) -> tuple[list[str], list[str]]:
+    """Why the runs look under-trained, one sentence per run (config and fold); and the runs whose
+    logs were too short to tell. A run is under-trained when its pseudo-Dice (``log.csv``
+    ``mean_dice``) still rises (:func:`still_rising`), or when every candidate of its configuration
+    scores below ``FAR_BELOW`` x its best epoch's pseudo-Dice on the fold's out-of-fold cases."""
+    warnings_: list[str] = []
+    unjudged: list[str] = []
+    for config, logs in curves.items():
+        own = [r["name"] for r in rows if r["kind"] != "ensemble" and r["name"].split(":")[0] == config]
+        for fold, log in sorted(logs.items()):
+            dice = [_float(r.get("mean_dice")) for r in log]
+            dice = [float("nan") if v is None else v for v in dice]
+            rising = still_rising(dice)
+            if rising is not None:
+                rise, m = rising
+                warnings_.append(
+                    f"{config} fold {fold}: the validation pseudo-Dice still rises at the end of training: the "
+                    f"mean of its last {m} epochs is {rise:.3f} above every earlier stretch of {m} epochs."
+                )
+            elif len([v for v in dice if not _isnan(v)]) < 2 * MIN_TAIL_EPOCHS:
+                unjudged.append(f"{config} fold {fold}")
+            best_epoch = max((v for v in dice if not _isnan(v)), default=None)
+            fold_dice = {n: _nanmean(r["mean_dice"] for r in per_case[n] if r["fold"] == fold) for n in own}
+            fold_dice = {n: v for n, v in fold_dice.items() if not _isnan(v)}
+            if best_epoch and fold_dice and max(fold_dice.values()) < FAR_BELOW * best_epoch:
+                top = max(fold_dice, key=lambda n: fold_dice[n])
+                warnings_.append(
+                    f"{config} fold {fold}: every candidate's out-of-fold Dice is below {FAR_BELOW:g} x the "
+                    f"fold's best epoch pseudo-Dice ({best_epoch:.3f}); the best candidate, {top}, has "
+                    f"{fold_dice[top]:.3f}."
+                )
+    return warnings_, unjudged
 
 
 def predict_command(work: Path, candidate: Candidate, folds: Sequence[int]) -> str:
@@ -186,6 +315,8 @@ def predict_command(work: Path, candidate: Candidate, folds: Sequence[int]) -> s
         return f"{base} -o OUTPUT --config {candidate.configs[0]} --weights swa"
     if candidate.kind == "snapshots":
         return f"{base} -o OUTPUT --config {candidate.configs[0]} --snapshots all"
+    if candidate.kind == LAST_KIND:
+        return f"{base} -o OUTPUT --config {candidate.configs[0]} --snapshots last:{LAST_SNAPSHOTS}"
     lines = [f"{base} -o OUTPUT/{c} --config {c} --save-probabilities" for c in candidate.configs]
     members = " ".join(f"OUTPUT/{c}" for c in candidate.configs)
     lines.append(f"segpipe ensemble {members} -o OUTPUT/ensemble -m {shlex.quote(str(work))}")
@@ -292,15 +423,21 @@ def _gather_folds(wd: WorkDir, configs: list[str], num_folds: int) -> tuple[list
     return rows, curves
 
 
-def _notes(folds: list[int], num_folds: int, num_cases: int) -> list[str]:
+def _notes(folds: list[int], num_folds: int, num_cases: int, unjudged: list[str]) -> list[str]:
     notes = [
         f"Every candidate is scored on the same {num_cases} out-of-fold cases, each predicted by the fold "
         "that did not train on it, without postprocessing.",
         "At test time the command below averages the models of all listed folds (a fold ensemble); the numbers "
         "here are the cross-validation of single-fold models, so the fold ensemble usually does slightly better.",
-        "p: two-sided Wilcoxon signed-rank test of the per-case mean Dice against the recommended candidate "
-        f"(null with fewer than {MIN_PAIRED_CASES} cases).",
+        "Δ and p: mean difference of the per-case mean Dice to the single model each alternative is compared "
+        f"with, and its two-sided Wilcoxon signed-rank test (n/a with fewer than {MIN_PAIRED_CASES} cases).",
     ]
+    if unjudged:
+        notes.append(
+            f"Too few epochs (fewer than {2 * MIN_TAIL_EPOCHS}) to tell whether the pseudo-Dice still rises: "
+            + ", ".join(unjudged)
+            + "."
+        )
     if len(folds) < num_folds:
         notes.append(
             f"Only folds {', '.join(map(str, folds))} of {num_folds} have validation predictions "
@@ -314,6 +451,8 @@ def _sections(report: dict[str, Any]) -> list[tuple]:
     keys = [str(v) for v in report["labels"].values()]
     names = [f"{n} ({v})" for n, v in report["labels"].items()]
     best = report["recommended"]
+    rec = report["recommendation"]
+    versus = {c["name"]: c for c in rec["comparisons"]}
     blocks: list[tuple] = [
         ("h1", "segpipe cross-validation report"),
         (
@@ -321,21 +460,34 @@ def _sections(report: dict[str, Any]) -> list[tuple]:
             f"Work folder: {report['work']}. Configurations: {', '.join(report['configs'])}. "
             f"Folds used: {', '.join(map(str, report['folds_used']))} of {report['num_folds']}.",
         ),
-        ("h2", f"Recommended: {best}"),
-        ("code", report["predict_command"]),
+    ]
+    if report["under_trained"]:
+        blocks += [
+            ("h2", "No recommendation: the models are under-trained"),
+            *[("p", w) for w in report["warnings"]],
+            (
+                "p",
+                "Train longer (a larger --time-budget or more --epochs) and validate again; the comparison "
+                f"below is for information only (the rule would have chosen {rec['name']}).",
+            ),
+        ]
+    else:
+        blocks += [("h2", f"Recommended: {best}"), ("p", rec["text"]), ("code", report["predict_command"])]
+    blocks += [
         *[("p", n) for n in report["notes"]],
         ("h2", "Candidates (out-of-fold Dice)"),
         (
             "table",
-            ["candidate", *[f"Dice {n}" for n in names], "mean Dice", "cases", "Δ vs best", "p"],
+            ["candidate", *[f"Dice {n}" for n in names], "mean Dice", "cases", "compared with", "Δ", "p"],
             [
                 [
                     ("**" + r["name"] + "**") if r["name"] == best else r["name"],
                     *[_fmt(r["dice"].get(k)) for k in keys],
                     _fmt(r["mean_dice"]),
                     str(r["num_cases"]),
-                    _fmt(r["mean_difference_vs_best"], "+.4f"),
-                    _fmt(r["wilcoxon_p_vs_best"], ".3g"),
+                    versus[r["name"]]["baseline"] if r["name"] in versus else "",
+                    _fmt(versus[r["name"]]["difference"], "+.4f") if r["name"] in versus else "",
+                    _fmt(versus[r["name"]]["p"], ".3g") if r["name"] in versus else "",
                 ]
                 for r in report["candidates"]
             ],

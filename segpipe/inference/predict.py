@@ -314,6 +314,40 @@ def merge_ranks(
     return merged, {**summary, **totals, "failed": len(merged), "ranks": dist.world_size}
 
 
+def case_inputs(case: CaseFiles, config: Configuration, previous_stage: dict[str, Path] | None) -> list[str]:
+    """The files a case's output depends on: its images and, for a cascade, its stage-1 segmentation."""
+    if previous_stage is None:
+        return list(case.images)
+    if case.case_id not in previous_stage:
+        raise InputError(case.images[0], f"no {config.previous_stage} segmentation of this case for the cascade")
+    return [*case.images, str(previous_stage[case.case_id])]
+
+
+def load_case(
+    case: CaseFiles, plans: Plans, config: Configuration, previous_stage: dict[str, Path] | None = None
+) -> tuple[list[FileIdentity], CaseData, PreprocessedCase]:
+    """Read and preprocess one case: its inputs' identity (taken before reading, so a file changed
+    meanwhile is redone next time), its geometry (the raw image is not needed any more) and the
+    preprocessed case (with the stage-1 segmentation of a cascade)."""
+    identity = input_identity(case_inputs(case, config, previous_stage))
+    data = read_case(case, len(plans.channel_names))
+    pre = preprocess_case(data, plans, config, case)
+    if previous_stage is not None:
+        path = previous_stage[case.case_id]
+        pre = with_previous_stage(pre, read_previous_stage(path), plans, config, path)
+    return identity, data.geometry_only(), pre
+
+
+def case_problem(case_id: str, where: str, exc: Exception) -> str:
+    """What a failed case's entry in ``failures.json`` says; an error that leaves the device unusable
+    stops the run instead (:class:`DeviceFailed`), rather than failing every later case."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if poisons_device(exc):
+        raise DeviceFailed(case_id, exc) from exc
+    return f"{where}: {type(exc).__name__}: {with_remedy(exc, PREDICT_MEMORY_REMEDY)}"
+
+
 def predict_folder(
     input_dir: Path,
     output_dir: Path,
@@ -359,12 +393,7 @@ def predict_folder(
     limit = memory_limit_bytes(options)
 
     def inputs(case: CaseFiles) -> list[str]:
-        """The files a case's output depends on: its images and, for a cascade, its stage-1 segmentation."""
-        if previous_stage is None:
-            return list(case.images)
-        if case.case_id not in previous_stage:
-            raise InputError(case.images[0], f"no {config.previous_stage} segmentation of this case for the cascade")
-        return [*case.images, str(previous_stage[case.case_id])]
+        return case_inputs(case, config, previous_stage)
 
     def finished(case: CaseFiles) -> bool:
         nifti, npz = output_files(output_dir, case.case_id)
@@ -379,13 +408,7 @@ def predict_folder(
     todo = [c for c in cases if not finished(c)]
 
     def load(case: CaseFiles) -> tuple[list[FileIdentity], CaseData, PreprocessedCase]:
-        identity = input_identity(inputs(case))  # before reading: a file changed meanwhile is redone next time
-        data = read_case(case, len(plans.channel_names))
-        pre = preprocess_case(data, plans, config, case)
-        if previous_stage is not None:
-            path = previous_stage[case.case_id]
-            pre = with_previous_stage(pre, read_previous_stage(path), plans, config, path)
-        return identity, data.geometry_only(), pre  # the raw image is not needed any more
+        return load_case(case, plans, config, previous_stage)
 
     models_on = {dev: models}
 
@@ -419,12 +442,8 @@ def predict_folder(
                 write_segmentation(output_dir, data, seg, decision)
             manifest.record(case.case_id, identity)
             return None
-        except InputError as exc:
-            return str(exc)
-        except (ValueError, RuntimeError, OSError, MemoryError) as exc:
-            if poisons_device(exc):
-                raise DeviceFailed(case.case_id, exc) from exc
-            return f"{where}: {type(exc).__name__}: {with_remedy(exc, PREDICT_MEMORY_REMEDY)}"
+        except (InputError, ValueError, RuntimeError, OSError, MemoryError) as exc:
+            return case_problem(case.case_id, where, exc)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as reader:

@@ -113,10 +113,13 @@ class TrainingSettings:
     cycles: int = 1  # cosine / cyclic: number of cycles (a snapshot at the end of each)
     cycle_mult: float = 1.0  # cosine: each cycle this many times longer than the previous (SGDR)
     min_lr: float = 0.0  # cosine: the LR at the end of each cycle
-    cyclic_fraction: float = 0.25  # cyclic: the final part of training spent in short cycles
+    # cyclic: the final part of training spent in short cycles; poly_constant: at swa_lr; non-cyclic
+    # schedules with swa: the part whose epoch ends are averaged
+    cyclic_fraction: float = 0.25
     cyclic_lr_high: float = 0.005  # cyclic: LR at the top of each cycle (FGE's alpha 1)
     cyclic_lr_low: float = 0.0001  # cyclic: LR at the low point of each cycle, where snapshots are taken
     swa: bool = False  # keep a running average of the snapshot weights (swa.pt)
+    swa_lr: float = 0.002  # poly_constant: the constant LR of the final cyclic_fraction, while SWA averages
     accumulate: int = 1  # gradient accumulation over this many batches
     grad_clip: float = 12.0
     oversample_foreground: float = 0.33

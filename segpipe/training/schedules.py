@@ -4,15 +4,23 @@ Progress is ``max(iterations done / total, seconds spent / budget)``, so one sch
 iteration count and with a wall-clock budget alike. A schedule is a function ``(progress, settings)
 -> lr`` registered with ``@SCHEDULES.register("name")``; a cyclic one also registers where its
 cycles end (``@CYCLE_ENDS.register("name")``), which is where snapshots are taken.
+
+A schedule *preset* is a recipe: a JSON file ``plans/schedules/NAME.json`` of training-setting
+overrides (schedule, cycles, SWA, ...) registered in ``SCHEDULE_PRESETS``, so that ``segpipe train
+--schedule NAME`` gets the whole recipe; :func:`schedule_overrides` resolves a name to either.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from segpipe.core.atomic import read_json
 from segpipe.core.registry import Registry
-from segpipe.planning.plans import TrainingSettings
+from segpipe.core.serialization import from_dict, to_dict
+from segpipe.planning.plans import PRESET_DIR, TrainingSettings
 
 Schedule = Callable[[float, TrainingSettings], float]
 SCHEDULES: Registry[Schedule] = Registry("schedule")
@@ -79,11 +87,27 @@ def cyclic(progress: float, settings: TrainingSettings) -> float:
     hi, lo = settings.cyclic_lr_high, settings.cyclic_lr_low
     start, length = _cyclic_geometry(settings)
     if progress < start:
-        return hi + (settings.initial_lr - hi) * (1 - progress / start) ** settings.poly_exponent
+        return _poly_towards(hi, progress / start, settings)
     t = ((progress - start) / length) % 1.0
     if progress >= 1.0:
         t = 0.5
     return (1 - 2 * t) * hi + 2 * t * lo if t <= 0.5 else (2 - 2 * t) * lo + (2 * t - 1) * hi
+
+
+def _poly_towards(target: float, t: float, settings: TrainingSettings) -> float:
+    """Poly decay from ``initial_lr`` at ``t = 0`` to ``target`` at ``t = 1``."""
+    return target + (settings.initial_lr - target) * (1 - t) ** settings.poly_exponent
+
+
+@SCHEDULES.register("poly_constant")
+def poly_constant(progress: float, settings: TrainingSettings) -> float:
+    """SWA as Izmailov et al. run it: poly decay from ``initial_lr`` to ``swa_lr`` over the first
+    ``1 - cyclic_fraction``, then the constant ``swa_lr`` while SWA averages every epoch end (no
+    cycles, so no snapshots: ``loop.fit`` averages the epoch ends of the final ``cyclic_fraction``)."""
+    start = 1.0 - settings.cyclic_fraction
+    if progress < start:
+        return _poly_towards(settings.swa_lr, progress / start, settings)
+    return settings.swa_lr
 
 
 def cycle_ends(settings: TrainingSettings) -> list[float]:
@@ -106,3 +130,31 @@ def training_progress(iteration: int, total_iterations: int, seconds: float, bud
     if budget:
         p = max(p, seconds / budget)
     return min(p, 1.0)
+
+
+SCHEDULE_PRESET_DIR = PRESET_DIR / "schedules"
+SCHEDULE_PRESETS: Registry[Path] = Registry("schedule preset")
+# one line per recipe; its settings live in plans/schedules/<name>.json
+for _name in ("poly", "sgdr3", "sgdr-grow", "fge", "swa"):
+    SCHEDULE_PRESETS.register(_name)(SCHEDULE_PRESET_DIR / f"{_name}.json")
+
+
+def load_schedule_preset(name: str) -> dict[str, Any]:
+    """A preset's training-setting overrides; unknown setting names are an error naming the file."""
+    path = SCHEDULE_PRESETS.get(name)
+    overrides = dict(read_json(path)["training"])
+    from_dict(TrainingSettings, {**to_dict(TrainingSettings()), **overrides}, where=f"{path}:training")
+    return overrides
+
+
+def schedule_overrides(name: str) -> dict[str, Any]:
+    """What ``--schedule NAME`` sets: a preset's whole recipe, else ``schedule = NAME`` for a registered
+    schedule; neither: a KeyError listing both."""
+    if name in SCHEDULE_PRESETS:
+        return load_schedule_preset(name)
+    if name in SCHEDULES:
+        return {"schedule": name}
+    raise KeyError(
+        f"unknown schedule {name!r}; presets: {', '.join(SCHEDULE_PRESETS.names())}; "
+        f"schedules: {', '.join(SCHEDULES.names())}"
+    )

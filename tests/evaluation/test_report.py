@@ -14,7 +14,7 @@ from scipy.stats import wilcoxon
 
 from segpipe.core.atomic import read_json
 from segpipe.evaluation.metrics import evaluate_folder
-from segpipe.evaluation.report import build_report, paired_comparison, recommend
+from segpipe.evaluation.report import best_by_mean, build_report, paired_comparison, still_rising
 from segpipe.runs.runlog import append_row
 
 CASES = [f"c{i}" for i in range(6)]
@@ -203,8 +203,131 @@ def test_recommend_breaks_ties_towards_the_simpler_model() -> None:
         {"name": "ensemble(x+y)", "kind": "ensemble", "members": ["a", "b"], "mean_dice": 0.8},
         {"name": "y:final", "kind": "final", "members": ["b"], "mean_dice": 0.7},
     ]
-    assert recommend(rows) == "x:swa"
+    assert best_by_mean(rows) == "x:swa"
     rows[3]["mean_dice"] = 0.8 + 1e-12
-    assert recommend(rows) == "y:final"
+    assert best_by_mean(rows) == "y:final"
     rows[0]["mean_dice"] = 0.81
-    assert recommend(rows) == "x:snapshots"
+    assert best_by_mean(rows) == "x:snapshots"
+
+
+# ------------------------------------------------------------------ the recommendation rule
+
+CASES10 = [f"d{i}" for i in range(10)]
+SPLITS10 = [{"train": CASES10[5:], "val": CASES10[:5]}, {"train": CASES10[:5], "val": CASES10[5:]}]
+CONVERGED = [min(0.9, 0.1 * (e + 1)) + 0.002 * (-1) ** e for e in range(20)]  # flat over its second half
+RISING = list(np.linspace(0.05, 0.6, 20))
+SNAPSHOTS, SWA, SINGLE = f"{FULL}:snapshots", f"{FULL}:swa", f"{FULL}:final"
+
+
+def _snapshot_work(
+    root: Path, snapshot_wrong: list[int], pseudo_dice: list[float], final_wrong: int = 40, swa_wrong: int = 60
+) -> tuple[Path, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """One configuration, two folds of five cases. The final weights err on ``final_wrong`` voxels of
+    each case, the snapshot ensemble on the first ``snapshot_wrong[i]`` voxels of the same order and the
+    SWA weights on the first ``swa_wrong``: fewer voxels are a subset, so better on every label of
+    that case; more are a superset, so worse. Every fold's log has ``pseudo_dice`` as its curve."""
+    rng = np.random.default_rng(3)
+    gt, segs = {}, {SINGLE: {}, SNAPSHOTS: {}, SWA: {}}
+    for i, case in enumerate(CASES10):
+        seg = np.zeros(SHAPE, dtype=np.uint8)
+        seg[1:5, 1:5, 1:5] = 1
+        seg[6:9, 5:8, 5:8] = 2
+        gt[case] = seg
+        order = rng.permutation(seg.size)
+        segs[SINGLE][case] = _corrupt(seg, order[:final_wrong])
+        segs[SNAPSHOTS][case] = _corrupt(seg, order[: snapshot_wrong[i]])
+        segs[SWA][case] = _corrupt(seg, order[:swa_wrong])
+    work = write_work(root, gt, SPLITS10, [FULL])
+    folders = {SINGLE: "validation", SNAPSHOTS: "validation_snapshots", SWA: "validation_swa"}
+    for fold, split in enumerate(SPLITS10):
+        run = work / FULL / f"fold_{fold}"
+        for name, folder in folders.items():
+            write_predictions(run / folder, {c: segs[name][c] for c in split["val"]})
+        for epoch, d in enumerate(pseudo_dice):
+            append_row(
+                run / "log.csv",
+                {"epoch": epoch, "train_loss": 1 - d, "val_loss": 1 - d, "mean_dice": d, "elapsed_seconds": epoch},
+            )
+    return work, segs, gt
+
+
+def _case_means(segs: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> np.ndarray:
+    return np.array([np.mean([dice_by_hand(segs[c], gt[c], v) for v in (1, 2)]) for c in CASES10])
+
+
+def _texts(work: Path) -> tuple[str, str, str]:
+    out = work / "report"
+    return (out / "report.md").read_text(), (out / "report.html").read_text(), run_cli("report", work).output
+
+
+def test_an_ensemble_that_beats_the_single_model_significantly_is_recommended(tmp_path: Path) -> None:
+    work, segs, gt = _snapshot_work(tmp_path, [10] * 10, CONVERGED)
+    d = _case_means(segs[SNAPSHOTS], gt) - _case_means(segs[SINGLE], gt)
+    p = wilcoxon(d).pvalue
+    assert (d > 0).all() and p < 0.05  # the crafted evidence: better on all 10 cases
+    report = build_report(work)
+    assert not report["under_trained"] and report["warnings"] == []
+    assert report["recommended"] == SNAPSHOTS
+    assert report["predict_command"].endswith(f"--config {FULL} --snapshots all")
+    words = f"{SNAPSHOTS} beats {SINGLE} by {d.mean():+.3f} Dice, p = {p:.2g} over 10 cases."
+    assert report["recommendation"]["text"].startswith(f"Recommended: {SNAPSHOTS}. {words}")
+    for text in _texts(work):
+        assert words in text
+    assert (work / "report" / "report.md").read_text().count(f"Recommended: {SNAPSHOTS}") >= 1
+
+
+def test_an_ensemble_without_significant_evidence_loses_to_the_single_model(tmp_path: Path) -> None:
+    # much better on five cases, a little worse on the other five: a higher mean but no evidence
+    work, segs, gt = _snapshot_work(tmp_path, [5] * 5 + [44] * 5, CONVERGED)
+    single = _case_means(segs[SINGLE], gt)
+    d = _case_means(segs[SNAPSHOTS], gt) - single
+    p = wilcoxon(d).pvalue
+    assert d.mean() > 0 and p > 0.05 and (d < 0).sum() == 5
+    d_swa = _case_means(segs[SWA], gt) - single
+    p_swa = wilcoxon(d_swa).pvalue
+    assert (d_swa < 0).all()
+    report = build_report(work)
+    rows = {r["name"]: r for r in report["candidates"]}
+    assert best_by_mean(list(rows.values())) == SNAPSHOTS  # the highest mean Dice alone would take it
+    assert report["recommended"] == SINGLE
+    assert report["predict_command"].endswith(f"-o OUTPUT --config {FULL}")
+    text = report["recommendation"]["text"]
+    assert text.startswith(f"Recommended: the single model {SINGLE}: no ensemble or SWA beats it")
+    lost = f"{SNAPSHOTS} does not beat {SINGLE}: {d.mean():+.3f} Dice, p = {p:.2g} over 10 cases."
+    lost_swa = f"{SWA} does not beat {SINGLE}: {d_swa.mean():+.3f} Dice, p = {p_swa:.2g} over 10 cases."
+    assert lost in text and lost_swa in text and f"{d_swa.mean():+.3f}".startswith("-")
+    for t in _texts(work):
+        assert lost in t and lost_swa in t and f"Recommended: {SINGLE}" in t.replace("recommended", "Recommended")
+    comparisons = {c["name"]: c for c in report["recommendation"]["comparisons"]}
+    assert comparisons[SNAPSHOTS]["p"] == pytest.approx(p) and not comparisons[SNAPSHOTS]["beats"]
+
+
+def test_a_still_rising_pseudo_dice_withholds_the_recommendation(tmp_path: Path) -> None:
+    work, _, _ = _snapshot_work(tmp_path, [10] * 10, RISING)  # the ensemble would win, but training is not done
+    report = build_report(work)
+    assert report["under_trained"] and report["recommended"] is None and report["predict_command"] is None
+    assert report["recommendation"]["name"] == SNAPSHOTS  # what the rule would have chosen, shown as such
+    assert len(report["warnings"]) == 2 and all("still rises" in w for w in report["warnings"])
+    assert report["warnings"][0].startswith(f"{FULL} fold 0: ")
+    md, page, cli = _texts(work)
+    assert md.index("No recommendation: the models are under-trained") < md.index("Candidates")
+    assert "Recommended:" not in md and "Recommended:" not in page
+    assert "no recommendation: the models are under-trained" in cli and "recommended:" not in cli
+
+
+def test_candidates_far_below_the_best_epoch_withhold_the_recommendation(tmp_path: Path) -> None:
+    work, segs, gt = _snapshot_work(tmp_path, [380] * 10, [0.98] * 20, final_wrong=400, swa_wrong=420)
+    assert _case_means(segs[SNAPSHOTS], gt).max() < 0.5 * 0.98
+    report = build_report(work)
+    assert report["under_trained"] and report["recommended"] is None
+    assert [w.split(":")[0] for w in report["warnings"]] == [f"{FULL} fold 0", f"{FULL} fold 1"]
+    assert all("below 0.5 x the fold's best epoch pseudo-Dice (0.980)" in w for w in report["warnings"])
+
+
+def test_still_rising_rule() -> None:
+    assert still_rising(CONVERGED) is None
+    rise, m = still_rising(RISING)
+    assert m == 3 and rise == pytest.approx(np.mean(RISING[-3:]) - np.mean(RISING[-6:-3]))
+    assert still_rising(RISING[:5]) is None  # fewer than two tenths of 3 epochs: not judged
+    assert still_rising([0.5] * 27 + [0.52, 0.52, 0.52]) is not None  # 30 epochs: the last 3 are the tenth
+    assert still_rising([0.5] * 27 + [0.505] * 3) is None  # within the margin
