@@ -15,7 +15,8 @@ import numpy as np
 from segpipe.core.atomic import atomic_write
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,15 +25,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    _pyplot().close(fig)
-    return str(path)
+    pyplot().close(fig)
+    return path
 
 
 def plot_candidates(rows: list[dict[str, Any]], labels: list[int | str], path: Path) -> str:
     """Grouped bars: per candidate, the mean Dice of each label and over labels. Returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = [str(v) for v in labels]
     series = [(f"label {k}", [r["dice"].get(k) for r in rows]) for k in keys] + [
         ("mean", [r["mean_dice"] for r in rows])
@@ -48,12 +50,12 @@ def plot_candidates(rows: list[dict[str, Any]], labels: list[int | str], path: P
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    return _save(fig, path)
+    return str(save_png(fig, path))
 
 
 def plot_curves(config: str, logs: dict[int, list[dict[str, str]]], path: Path) -> str:
     """Per fold: train (solid) and validation (dashed) loss, and mean pseudo-Dice, against epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_dice) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for i, (fold, rows) in enumerate(sorted(logs.items())):
         color = f"C{i % 10}"
@@ -71,7 +73,7 @@ def plot_curves(config: str, logs: dict[int, list[dict[str, str]]], path: Path) 
     ax_dice.set_xlabel("epoch")
     ax_dice.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return str(save_png(fig, path))
 
 
 def _num(value: str | None) -> float:

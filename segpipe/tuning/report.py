@@ -15,6 +15,7 @@ from typing import Any
 
 from segpipe.core.atomic import atomic_write, read_json, write_json
 from segpipe.evaluation.report import to_html
+from segpipe.evaluation.report_plots import pyplot, save_png
 
 BEST_FILE = "best.json"
 REPORT_FILE = "report.html"
@@ -50,25 +51,10 @@ def importances(study: Any) -> tuple[str, dict[str, float]]:
         return name, {}
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> str:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    _pyplot().close(fig)
-    return path.name
-
-
 def plot_history(trials: list[Any], path: Path) -> str:
     """Validation Dice of the complete trials by number, the best so far, and the pruned trials' last
     pseudo-Dice."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     done = [t for t in trials if t.state.name == "COMPLETE"]
     pruned = [t for t in trials if t.state.name == "PRUNED" and t.value is not None]
@@ -91,12 +77,12 @@ def plot_history(trials: list[Any], path: Path) -> str:
     ax.set_title("optimisation history")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path).name
 
 
 def plot_rungs(trials: list[Any], path: Path) -> str:
     """Every trial's reported pseudo-Dice against training seconds: where the pruner cut."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for t in trials:
         steps = sorted(t.intermediate_values)
@@ -108,18 +94,18 @@ def plot_rungs(trials: list[Any], path: Path) -> str:
     if len(trials) <= 20:
         ax.legend(fontsize=7, ncol=2, title="trial")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path).name
 
 
 def plot_importances(values: dict[str, float], evaluator: str, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, max(2.0, 0.4 * len(values) + 1)))
     names = list(values)[::-1]
     ax.barh(names, [values[n] for n in names], color="tab:green")
     ax.set_xlabel(f"importance ({evaluator})")
     ax.set_title("parameter importances")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path).name
 
 
 def trials_table(trials: list[Any]) -> tuple[list[str], list[list[str]]]:
