@@ -11,8 +11,10 @@ A failing case (unreadable or invalid input, a full or read-only output folder) 
 the stage then ends with :class:`StageFailed`. A case is skipped when its output exists and its
 inputs are unchanged since (see :mod:`segpipe.inference.manifest`), so a folder that was half done resumes.
 A case's accumulators stay on the device when they fit and go to the CPU otherwise (see
-:func:`segpipe.inference.sliding_window.choose_accumulation_device`). Under torchrun each rank predicts its share of
-the cases and rank 0 checks and merges the result (:func:`merge_ranks`).
+:func:`segpipe.inference.sliding_window.choose_accumulation_device`). The networks run on the backend
+and precision of ``PredictOptions`` (:mod:`segpipe.inference.backends`); a model folder made by
+``segpipe export`` predicts through :func:`predict_model_folder`, without a WORK folder. Under torchrun
+each rank predicts its share of the cases and rank 0 checks and merges the result (:func:`merge_ranks`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.core.atomic import remove_stale_temporaries, save_npz, write_json
@@ -35,9 +37,12 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
+from segpipe.inference.backend_choice import BackendChoice, choose_backend, source_key
+from segpipe.inference.backends import NATIVE_BF16_CAPABILITY, NetworkSource, Runner, build_runner
 from segpipe.inference.decode import label_map
-from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members
+from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members, member_paths
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
+from segpipe.inference.model_folder import load_model_folder
 from segpipe.inference.postprocessing import apply_postprocessing, load_decision
 from segpipe.inference.sliding_window import accumulator_bytes, choose_accumulation_device, predict_probabilities
 from segpipe.planning.plans import Configuration, Plans, load_plans
@@ -60,6 +65,8 @@ class PredictOptions:
     # device memory (MB) a case's accumulators may take; None: SEGPIPE_DEVICE_MEMORY_LIMIT_MB, else
     # a share of the device's free memory (CUDA)
     device_memory_limit_mb: float | None = None
+    backend: str = "torch"  # torch, openvino, onnxruntime, or auto: the fastest installed (the CLI's default)
+    precision: str = "auto"  # fp32, bf16, or auto: bf16 where the CPU or GPU has it natively
 
 
 MEMORY_LIMIT_ENV = "SEGPIPE_DEVICE_MEMORY_LIMIT_MB"
@@ -83,11 +90,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-# bf16 runs natively from compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() is also true
-# on older GPUs that only emulate it, slowly
-NATIVE_BF16_CAPABILITY = (8, 0)
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -125,8 +127,62 @@ def restore_label_map(
     return seg
 
 
+@dataclass
+class LoadedModels:
+    """What predicting needs besides the images, from a WORK folder or a model folder."""
+
+    plans: Plans
+    config: Configuration
+    networks: list[Runner]  # one per ensemble member
+    mirror_axes: tuple[int, ...]  # those of training
+    decision: dict | None  # the postprocessing decision (None: none, or switched off)
+    choice: BackendChoice
+
+
+def build_networks(
+    sources: Sequence[NetworkSource], options: PredictOptions, device: torch.device, model_key: str
+) -> tuple[list[Runner], BackendChoice]:
+    """The runners of ``sources`` on the backend and precision of ``options`` (``auto``: measured on the first
+    source with a batch of ``batch_windows`` windows in every mirroring)."""
+    batch = options.batch_windows * (2 ** len(options.mirror_axes) if options.tta else 1)
+    choice, first = choose_backend(sources[0], options.backend, options.precision, device, batch, model_key)
+    runners = [first] if first is not None else []
+    runners += [build_runner(choice.backend, s, choice.precision, device) for s in sources[len(runners) :]]
+    return runners, choice
+
+
+def load_work_models(
+    work: Path, config_name: str, members: Members, options: PredictOptions, device: torch.device
+) -> LoadedModels:
+    """The members' checkpoints of a WORK folder on the chosen backend, with the plans, the mirror axes of
+    training and (unless switched off) ``WORK/<config>/postprocessing.json``."""
+    plans = load_plans(WorkDir(work).plans)
+    config = plans.configuration(config_name)
+    modules = load_members(work, plans, config, members, device)
+    mirror_axes = inference_mirror_axes(work, config_name, members)
+    window = (len(plans.channel_names) + (len(plans.foreground_labels) if config.previous_stage else 0),)
+    sources = [NetworkSource((*window, *config.patch_size), module=m) for m in modules]
+    # the model's identity only matters to a cached measurement of --backend auto
+    key = source_key(member_paths(work, config_name, members)) if options.backend == "auto" else ""
+    networks, choice = build_networks(sources, replace(options, mirror_axes=mirror_axes), device, key)
+    decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
+    return LoadedModels(plans, config, networks, mirror_axes, decision, choice)
+
+
+def load_folder_models(model_dir: Path, options: PredictOptions, device: torch.device) -> LoadedModels:
+    """A model folder (``segpipe export``), its checksums verified, its networks on the chosen backend."""
+    manifest = load_model_folder(model_dir)
+    mirror_axes = tuple(manifest.mirror_axes)
+    window = tuple(manifest.window)
+    sources = [NetworkSource(window, path=model_dir / n, format=manifest.format) for n in manifest.networks]
+    key = ",".join(manifest.files[n] for n in manifest.networks)  # the networks' SHA-256
+    networks, choice = build_networks(sources, replace(options, mirror_axes=mirror_axes), device, key)
+    decision = manifest.postprocessing if options.postprocess else None
+    return LoadedModels(manifest.plans, manifest.config, networks, mirror_axes, decision, choice)
+
+
 def average_probabilities(
-    models: list[nn.Module],
+    models: Sequence[Runner],
     pre: PreprocessedCase,
     plans: Plans,
     config: Configuration,
@@ -149,7 +205,7 @@ def average_probabilities(
             device=device,
             batch_windows=options.batch_windows,
             accumulate_on=accumulate_on,
-            amp_dtype=amp_dtype_for(device),
+            amp_dtype=None,  # the runners compute in their backend's precision
             sigmoid=plans.regions is not None,
         )
         with torch.inference_mode():  # p is an inference tensor: sum it in place inside that mode
@@ -179,7 +235,7 @@ def case_device_bytes(pre: PreprocessedCase, config: Configuration, num_classes:
 
 
 def predict_case_probabilities(
-    models: list[nn.Module],
+    models: Sequence[Runner],
     pre: PreprocessedCase,
     plans: Plans,
     config: Configuration,
@@ -264,19 +320,47 @@ def predict_folder(
     dist: DistInfo = SINGLE,
     previous_stage: dict[str, Path] | None = None,
 ) -> dict:
-    """Predict every case of ``input_dir`` (or the given ``cases``); see the module docstring.
+    """Predict every case of ``input_dir`` (or the given ``cases``) with members of a WORK folder; see
+    the module docstring.
 
     A cascade stage 2 needs ``previous_stage``: each case's stage-1 segmentation file (see
     :func:`predict_cascade`). Under torchrun (``dist``) each rank predicts every ``world_size``-th case;
     see :func:`merge_ranks`."""
     dev = device_for(resolve_device(device), dist)
-    plans = load_plans(WorkDir(work).plans)
-    config = plans.configuration(config_name)
+    config = load_plans(WorkDir(work).plans).configuration(config_name)
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
-    models = load_members(work, plans, config, members, dev)
-    options = replace(options, mirror_axes=inference_mirror_axes(work, config_name, members))
-    decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
+    loaded = load_work_models(work, config_name, members, options, dev)
+    return predict_loaded(input_dir, output_dir, loaded, options, dev, cases, dist, previous_stage)
+
+
+def predict_model_folder(
+    input_dir: Path,
+    output_dir: Path,
+    model_dir: Path,
+    options: PredictOptions,
+    device: str = "auto",
+    dist: DistInfo = SINGLE,
+) -> dict:
+    """Predict every case of ``input_dir`` with a model folder of ``segpipe export`` (no WORK folder)."""
+    dev = device_for(resolve_device(device), dist)
+    loaded = load_folder_models(model_dir, options, dev)
+    return predict_loaded(input_dir, output_dir, loaded, options, dev, dist=dist)
+
+
+def predict_loaded(
+    input_dir: Path,
+    output_dir: Path,
+    loaded: LoadedModels,
+    options: PredictOptions,
+    dev: torch.device,
+    cases: list[CaseFiles] | None = None,
+    dist: DistInfo = SINGLE,
+    previous_stage: dict[str, Path] | None = None,
+) -> dict:
+    """Predict every case of ``input_dir`` (or ``cases``) with ``loaded``; see :func:`predict_folder`."""
+    plans, config, models, decision = loaded.plans, loaded.config, loaded.networks, loaded.decision
+    options = replace(options, mirror_axes=loaded.mirror_axes)
     problems: dict[str, str] = {}
     if cases is None:
         cases, listing_problems = list_prediction_inputs(input_dir, len(plans.channel_names))
@@ -366,6 +450,9 @@ def predict_folder(
         "failed": len(problems),
         "seconds": round(time.perf_counter() - start, 2),
         "postprocessing": decision is not None,
+        "backend": loaded.choice.backend,
+        "precision": loaded.choice.precision.name,
+        "choice": loaded.choice.describe(),
     }
     if dist.enabled:
         predicted = [c.case_id for c in todo if c.case_id not in problems]

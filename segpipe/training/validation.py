@@ -20,7 +20,7 @@ from segpipe.core.paths import VALIDATION_FOLDERS, WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.evaluation.metrics import evaluate_folder
 from segpipe.inference.ensemble import Members
-from segpipe.inference.predict import PredictOptions, predict_folder
+from segpipe.inference.predict import PredictOptions, predict_folder, resolve_device
 from segpipe.planning.plans import load_plans
 from segpipe.preprocessing.cascade import out_of_fold_predictions
 from segpipe.runs.snapshots import SWA_FILE, list_snapshots
@@ -54,7 +54,9 @@ def validate_fold(
         raise FileNotFoundError(f"fold {fold} has no labelled validation cases")
     gt_dir = Path(cases[0].label).parent
     run_dir = wd.run(config_name, fold)
-    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False)
+    # out-of-fold scores stay fp32 on a CPU, so they compare across machines with and without native bf16
+    precision = "auto" if resolve_device(device).type == "cuda" else "fp32"
+    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False, precision=precision)
     config = plans.configuration(config_name)
     # a cascade stage 2 builds on stage 1's out-of-fold predictions, exactly as in its training
     previous = out_of_fold_predictions(work, config, sorted(val_ids)) if config.previous_stage else None
