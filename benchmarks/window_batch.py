@@ -8,7 +8,9 @@ windows in all 8 mirrorings, the batch ``segpipe predict`` sends. FLOPs are coun
 ``torch.utils.flop_counter`` (convolutions and transposed convolutions, 2 per multiply-add; norms and
 activations are not counted). The peak is cores x clock (``cpu MHz`` of /proc/cpuinfo) x FLOPs per
 cycle and core: 64 in fp32 (two AVX-512 FMA units), 128 in bf16 with AVX512-BF16, 1024 with AMX; pass
-the ``--peak-gflops-*`` options where those assumptions do not hold. Prints one JSON line per pair.
+the ``--peak-gflops-*`` options where those assumptions do not hold. A share above 1 means the backend
+does fewer multiplications than a direct convolution (OpenVINO's CPU plugin has Winograd kernels) or
+the clock runs above the listed MHz: the count is the direct convolution's. One JSON line per pair.
 """
 
 from __future__ import annotations

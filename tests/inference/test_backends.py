@@ -20,6 +20,7 @@ from segpipe.inference.backends import (
     cpu_has_native_bf16,
     resolve_precision,
 )
+from segpipe.networks.build import SliceNetwork
 
 CPU = torch.device("cpu")
 WINDOW = (1, 8, 8, 8)
@@ -136,13 +137,20 @@ def test_time_runner_is_the_best_of_the_timed_runs() -> None:
     assert len(calls) == 4  # one warm-up, three timed
 
 
+def tiny_2d_net() -> nn.Module:
+    """A 2d configuration's network: slices along Z folded into the batch (reshapes that must stay dynamic)."""
+    torch.manual_seed(0)
+    return SliceNetwork(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(), nn.Conv2d(4, 3, 1)), 2).eval()
+
+
 @pytest.mark.parametrize("backend", ["torch", "openvino", "onnxruntime"])
-def test_runners_of_a_module_match_torch_fp32(backend: str) -> None:
+@pytest.mark.parametrize("make, window", [(tiny_net, WINDOW), (tiny_2d_net, (1, 8, 8, 1))])
+def test_runners_of_a_module_match_torch_fp32(backend: str, make, window: tuple[int, ...]) -> None:
     """Every backend built from a module in memory (a WORK folder's checkpoint) computes the same logits,
     at a batch size other than the one it was converted with (the batch axis is dynamic)."""
-    net = tiny_net()
-    x = torch.randn(5, *WINDOW, generator=torch.Generator().manual_seed(1))
+    net = make()
+    x = torch.randn(5, *window, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = net(x)
-    runner = build_runner(backend, NetworkSource(WINDOW, module=net), Precision("fp32", ""), CPU)
+    runner = build_runner(backend, NetworkSource(window, module=net), Precision("fp32", ""), CPU)
     torch.testing.assert_close(runner(x), expected, atol=1e-4, rtol=1e-4)
