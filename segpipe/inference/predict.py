@@ -37,13 +37,12 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
-from segpipe.inference.backend_choice import BackendChoice, choose_backend, source_key
-from segpipe.inference.backends import NATIVE_BF16_CAPABILITY, NetworkSource, Runner, build_runner
+from segpipe.inference.backends import NATIVE_BF16_CAPABILITY, Runner
 from segpipe.inference.decode import label_map
-from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members, member_paths
+from segpipe.inference.ensemble import Members
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
-from segpipe.inference.model_folder import load_model_folder
-from segpipe.inference.postprocessing import apply_postprocessing, load_decision
+from segpipe.inference.models import LoadedModels, load_folder_models, load_work_models
+from segpipe.inference.postprocessing import apply_postprocessing
 from segpipe.inference.sliding_window import accumulator_bytes, choose_accumulation_device, predict_probabilities
 from segpipe.planning.plans import Configuration, Plans, load_plans
 from segpipe.preprocessing.cascade import MissingPreviousStage, read_previous_stage, with_previous_stage
@@ -125,60 +124,6 @@ def restore_label_map(
     seg = np.zeros(props.original_shape, dtype=inside.dtype)  # outside the non-zero box: background
     seg[tuple(slice(lo, hi) for lo, hi in box)] = inside
     return seg
-
-
-@dataclass
-class LoadedModels:
-    """What predicting needs besides the images, from a WORK folder or a model folder."""
-
-    plans: Plans
-    config: Configuration
-    networks: list[Runner]  # one per ensemble member
-    mirror_axes: tuple[int, ...]  # those of training
-    decision: dict | None  # the postprocessing decision (None: none, or switched off)
-    choice: BackendChoice
-
-
-def build_networks(
-    sources: Sequence[NetworkSource], options: PredictOptions, device: torch.device, model_key: str
-) -> tuple[list[Runner], BackendChoice]:
-    """The runners of ``sources`` on the backend and precision of ``options`` (``auto``: measured on the first
-    source with a batch of ``batch_windows`` windows in every mirroring)."""
-    batch = options.batch_windows * (2 ** len(options.mirror_axes) if options.tta else 1)
-    choice, first = choose_backend(sources[0], options.backend, options.precision, device, batch, model_key)
-    runners = [first] if first is not None else []
-    runners += [build_runner(choice.backend, s, choice.precision, device) for s in sources[len(runners) :]]
-    return runners, choice
-
-
-def load_work_models(
-    work: Path, config_name: str, members: Members, options: PredictOptions, device: torch.device
-) -> LoadedModels:
-    """The members' checkpoints of a WORK folder on the chosen backend, with the plans, the mirror axes of
-    training and (unless switched off) ``WORK/<config>/postprocessing.json``."""
-    plans = load_plans(WorkDir(work).plans)
-    config = plans.configuration(config_name)
-    modules = load_members(work, plans, config, members, device)
-    mirror_axes = inference_mirror_axes(work, config_name, members)
-    window = (len(plans.channel_names) + (len(plans.foreground_labels) if config.previous_stage else 0),)
-    sources = [NetworkSource((*window, *config.patch_size), module=m) for m in modules]
-    # the model's identity only matters to a cached measurement of --backend auto
-    key = source_key(member_paths(work, config_name, members)) if options.backend == "auto" else ""
-    networks, choice = build_networks(sources, replace(options, mirror_axes=mirror_axes), device, key)
-    decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
-    return LoadedModels(plans, config, networks, mirror_axes, decision, choice)
-
-
-def load_folder_models(model_dir: Path, options: PredictOptions, device: torch.device) -> LoadedModels:
-    """A model folder (``segpipe export``), its checksums verified, its networks on the chosen backend."""
-    manifest = load_model_folder(model_dir)
-    mirror_axes = tuple(manifest.mirror_axes)
-    window = tuple(manifest.window)
-    sources = [NetworkSource(window, path=model_dir / n, format=manifest.format) for n in manifest.networks]
-    key = ",".join(manifest.files[n] for n in manifest.networks)  # the networks' SHA-256
-    networks, choice = build_networks(sources, replace(options, mirror_axes=mirror_axes), device, key)
-    decision = manifest.postprocessing if options.postprocess else None
-    return LoadedModels(manifest.plans, manifest.config, networks, mirror_axes, decision, choice)
 
 
 def average_probabilities(
