@@ -321,6 +321,8 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
     type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
     default="auto",
     show_default=True,
+    envvar="SEGPIPE_BACKEND",
+    show_envvar=True,
     help="What runs the network: auto = torch on a GPU, on a CPU the fastest installed one (measured once, cached).",
 )
 @click.option(
@@ -328,6 +330,8 @@ def _repeat_command(ctx: click.Context, leave_out: set[str]) -> list[str]:
     type=click.Choice(["auto", "fp32", "bf16"]),
     default="auto",
     show_default=True,
+    envvar="SEGPIPE_PRECISION",
+    show_envvar=True,
     help="auto = bf16 where the CPU has native bf16 (AMX, AVX512-BF16) or the GPU's autocast dtype, else fp32.",
 )
 @click.option(

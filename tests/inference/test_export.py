@@ -205,3 +205,15 @@ def test_model_folder_with_fold_options_is_an_error(exported: dict[str, Path], s
         "predict", "-i", synthetic_dataset / "imagesTr", "-o", "unused", "-m", exported["onnx"], "--folds", "0"
     )
     assert result.exit_code == 1 and "model folder" in result.output
+
+
+def test_auto_backend_measures_the_installed_runtimes_on_a_model_folder(
+    exported: dict[str, Path], torch_fp32: Path, synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    """--backend auto on an ONNX folder: both runtimes that read ONNX are timed and the choice is logged."""
+    out = tmp_path / "pred"
+    args = ["-m", exported["onnx"], "--backend", "auto", "--precision", "fp32"]
+    result = ok(run_cli("predict", "-i", synthetic_dataset / "imagesTr", "-o", out, *args))
+    assert "(measured: " in result.output and "openvino" in result.output and "onnxruntime" in result.output
+    ours, reference = labels(out), labels(torch_fp32)
+    assert all((ours[n] == reference[n]).mean() > 0.999 for n in reference)
