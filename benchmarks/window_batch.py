@@ -6,11 +6,12 @@
 The network of the plans (random weights: they do not change the time) on a batch of ``--windows``
 windows in all 8 mirrorings, the batch ``segpipe predict`` sends. FLOPs are counted by
 ``torch.utils.flop_counter`` (convolutions and transposed convolutions, 2 per multiply-add; norms and
-activations are not counted). The peak is cores x clock (``cpu MHz`` of /proc/cpuinfo) x FLOPs per
-cycle and core: 64 in fp32 (two AVX-512 FMA units), 128 in bf16 with AVX512-BF16, 1024 with AMX; pass
-the ``--peak-gflops-*`` options where those assumptions do not hold. A share above 1 means the backend
-does fewer multiplications than a direct convolution (OpenVINO's CPU plugin has Winograd kernels) or
-the clock runs above the listed MHz: the count is the direct convolution's. One JSON line per pair.
+activations are not counted), and per core and cycle at the listed clock (``cpu MHz`` of /proc/cpuinfo,
+which a boosting core exceeds). The assumed peak per core and cycle: Intel AVX-512 64 FLOP in fp32,
+128 in bf16 with AVX512-BF16, 1024 with AMX; AMD (Zen 4 issues AVX-512 as two 256-bit halves) 32 and
+64; pass ``--peak-gflops-*`` where those do not hold. A share above 1 means the core runs above the
+listed clock, or the backend does fewer multiplications than a direct convolution (OpenVINO's CPU
+plugin has Winograd kernels): the count is the direct convolution's. One JSON line per pair.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.inference.backend_choice import time_runner  # noqa: E402
+from segpipe.inference.backend_choice import cpu_model, time_runner  # noqa: E402
 from segpipe.inference.backends import NetworkSource, Precision, build_runner, cpu_flags  # noqa: E402
 from segpipe.networks.build import build_network  # noqa: E402
 from segpipe.planning.plans import load_plans  # noqa: E402
@@ -41,10 +42,12 @@ def cpu_ghz() -> float:
     return float("nan")
 
 
-def peak_gflops(precision: str, flags: set[str]) -> float:
-    """The assumed peak of this machine (all threads torch uses) in ``precision``."""
-    per_cycle = 64 if precision == "fp32" else (1024 if "amx_bf16" in flags else 128 if "avx512_bf16" in flags else 64)
-    return torch.get_num_threads() * cpu_ghz() * per_cycle
+def peak_flop_per_cycle(precision: str, flags: set[str], amd: bool) -> int:
+    """The assumed peak FLOP per core and cycle in ``precision`` (see the module docstring)."""
+    fp32 = 32 if amd else 64
+    if precision == "fp32":
+        return fp32
+    return 1024 if "amx_bf16" in flags else 2 * fp32 if "avx512_bf16" in flags else fp32
 
 
 def main() -> None:
@@ -73,7 +76,8 @@ def main() -> None:
         seconds = time_runner(runner, x, args.repeats)
         probs = torch.softmax(runner(x), 1)
         gflops = flops / seconds / 1e9
-        peak = peaks[precision] or peak_gflops(precision, flags)
+        core_ghz = torch.get_num_threads() * cpu_ghz()
+        peak = peaks[precision] or core_ghz * peak_flop_per_cycle(precision, flags, "AMD" in cpu_model())
         record = {
             "backend": backend,
             "precision": precision,
@@ -83,6 +87,7 @@ def main() -> None:
             "gflop": round(flops / 1e9, 2),
             "gflops_per_s": round(gflops, 1),
             "peak_gflops_per_s": round(peak, 1),
+            "flop_per_core_cycle": round(gflops / core_ghz, 1),  # at the listed clock
             "share_of_peak": round(gflops / peak, 3),
             "argmax_agreement_with_torch_fp32": round(
                 (probs.argmax(1) == reference.argmax(1)).float().mean().item(), 4
