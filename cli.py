@@ -407,7 +407,14 @@ def tune(
 @main.command()
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path), help="NIfTI folder.")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("-m", "--model", "work", required=True, type=click.Path(path_type=Path), help="Work folder.")
+@click.option(
+    "-m",
+    "--model",
+    "work",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Work folder, or a model folder made by segpipe export.",
+)
 @click.option("--config", default="3d_fullres", show_default=True)
 @click.option("--folds", default=None, help="Comma-separated folds to ensemble (default: every trained fold).")
 @click.option(
@@ -437,6 +444,24 @@ def tune(
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+    envvar="SEGPIPE_BACKEND",
+    show_envvar=True,
+    help="What runs the network: auto = torch on a GPU, on a CPU the fastest installed one (measured once, cached).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    envvar="SEGPIPE_PRECISION",
+    show_envvar=True,
+    help="auto = bf16 where the CPU has native bf16 (AMX, AVX512-BF16) or the GPU's autocast dtype, else fp32.",
+)
+@click.option(
     "--device-memory-limit",
     type=POSITIVE,
     default=None,
@@ -464,6 +489,8 @@ def predict(
     step: float,
     batch_windows: int,
     device: str,
+    backend: str,
+    precision: str,
     device_memory_limit: float | None,
     save_probabilities: bool,
     overwrite: bool,
@@ -474,13 +501,15 @@ def predict(
 
     A cascade configuration (3d_cascade_fullres) runs both stages: stage 1 is the fold ensemble of the
     previous configuration (its segmentations go to OUTPUT/stage1_<config>/), unless --prev-stage gives them.
-    Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result."""
+    Under torchrun each process predicts its share of the cases; rank 0 checks and merges the result.
+    With a model folder (segpipe export) as -m, --config, --folds, --weights and --snapshots come from the folder."""
     from datetime import timedelta
 
     from segpipe.core.errors import PREDICT_MEMORY_REMEDY, StageFailed
     from segpipe.data.nifti import InputError
     from segpipe.inference.ensemble import Members
-    from segpipe.inference.predict import PredictOptions, predict_configuration, trained_folds
+    from segpipe.inference.model_folder import is_model_folder
+    from segpipe.inference.predict import PredictOptions, predict_configuration, predict_model_folder, trained_folds
     from segpipe.scale import distributed
 
     options = PredictOptions(
@@ -491,20 +520,70 @@ def predict(
         overwrite=overwrite,
         postprocess=not no_postprocessing,
         device_memory_limit_mb=device_memory_limit,
+        backend=backend,
+        precision=precision,
     )
     try:
         # the ranks meet once, at the end: rank 0 may wait long there for a rank with slower cases
         dist = distributed.init(device, timeout=timedelta(hours=24))
+        if is_model_folder(work):
+            if folds or snapshots or prev_stage:
+                raise ValueError(f"{work} is a model folder: its members are fixed at export (drop --folds etc.)")
+            summary = predict_model_folder(input_dir, output_dir, work, options, device, dist)
+            click.echo(f"{f'rank {dist.rank}: ' if dist.enabled else ''}predicted {summary}")
+            return
         chosen = _folds(folds) if folds else trained_folds(work, config)
         if not chosen:
             raise FileNotFoundError(f"{work / config}: no trained fold (fold_<k>/checkpoint_final.pt); train first")
         members = Members(chosen, weights, snapshots)
         summary = predict_configuration(input_dir, output_dir, work, config, members, options, device, prev_stage, dist)
-    except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError) as exc:
+    except (StageFailed, InputError, OSError, KeyError, RuntimeError, ValueError, ImportError) as exc:
         _fail(exc, PREDICT_MEMORY_REMEDY)
     finally:
         distributed.cleanup()
     click.echo(f"{f'rank {dist.rank}: ' if dist.enabled else ''}predicted {summary}")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "model_dir", required=True, type=click.Path(path_type=Path), help="Model folder.")
+@click.option("--config", default="3d_fullres", show_default=True)
+@click.option("--folds", default=None, help="Comma-separated folds to ensemble (default: every trained fold).")
+@click.option(
+    "--weights",
+    type=click.Choice(["final", "best", "swa"]),
+    default="final",
+    show_default=True,
+    help="Each fold's final weights, its best checkpoint, or its SWA weights.",
+)
+@click.option("--snapshots", default=None, help="Cycle snapshots instead of the weights: 'all' or 'last:N'.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "openvino", "torchscript"]),
+    default="onnx",
+    show_default=True,
+    help="onnx (runs on onnxruntime and openvino), openvino (IR), torchscript (torch).",
+)
+def export(
+    work: Path, model_dir: Path, config: str, folds: str | None, weights: str, snapshots: str | None, fmt: str
+) -> None:
+    """Write a self-contained model folder: the networks plus everything predict -m MODEL_DIR needs."""
+    from segpipe.inference.backends import MissingExtra
+    from segpipe.inference.ensemble import Members
+    from segpipe.inference.export import export_model
+    from segpipe.inference.predict import trained_folds
+
+    try:
+        chosen = _folds(folds) if folds else trained_folds(work, config)
+        if not chosen:
+            raise FileNotFoundError(f"{work / config}: no trained fold (fold_<k>/checkpoint_final.pt); train first")
+        manifest = export_model(work, model_dir, config, Members(chosen, weights, snapshots), fmt)
+    except (MissingExtra, OSError, KeyError, RuntimeError, ValueError) as exc:
+        _fail(exc)
+    click.echo(
+        f"exported {len(manifest.networks)} {fmt} network(s) of {config} ({', '.join(manifest.members)}) to {model_dir}"
+    )
 
 
 @main.command()

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --which preprocess|train|predict [--against nnunet] [--data DIR] [--workers N]
                              [--device auto|cpu|cuda] [--warmup-iters N] [--iters N] [--cases N]
-                             [--quick] [--nnunet-bin DIR] [--keep]
+                             [--backend B[,B...]] [--precision P[,P...]] [--quick] [--nnunet-bin DIR] [--keep]
 
 Prints one JSON line per measured stage to stdout; everything else (child logs, notes) goes to
 stderr. Installs nothing: nnU-Net must already be importable here or live in ``--nnunet-bin``.
@@ -54,6 +54,8 @@ class Sizes:
 FULL = Sizes(warmup_iters=10, iters=50, cases=60)
 QUICK = Sizes(warmup_iters=2, iters=3, cases=2)
 DEFAULT_WORKERS = {"train": 2, "predict": 2}  # preprocess: all cores
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")  # segpipe predict --backend
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -371,10 +373,35 @@ def train_segpipe_model(work: Path, args: argparse.Namespace, log: Path) -> None
     run_timed(cmd, log)
 
 
-def time_segpipe_predict(images: Path, out: Path, work: Path, device: str, log: Path) -> Run:
-    """``segpipe predict`` of every image in ``images`` with fold 0 (mirroring TTA on by default)."""
-    cmd = [*SEGPIPE, "predict", "-i", str(images), "-o", str(out), "-m", str(work), "--config", CONFIG]
-    return run_timed([*cmd, "--folds", str(FOLD), "--device", device], log)
+# the model folder (segpipe export --format) each non-torch backend predicts from, as a deployment would;
+# torch and auto predict from the WORK folder (auto: its measurement of every backend included in the time)
+EXPORT_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
+
+
+def predict_variants(backends: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    """Every (backend, precision) pair to time, but those a backend cannot run (ONNX Runtime has no bf16)."""
+    return [(b, p) for b in backends for p in precisions if not (b == "onnxruntime" and p == "bf16")]
+
+
+def export_segpipe_model(work: Path, fmt: str, log: Path) -> Path:
+    """``segpipe export`` of fold 0 to ``work/model_<fmt>`` (untimed: done once per model, not per case)."""
+    model = work / f"model_{fmt}"
+    if not model.exists():
+        run_timed([*SEGPIPE, "export", str(work), "-o", str(model), "--folds", str(FOLD), "--format", fmt], log)
+    return model
+
+
+def time_segpipe_predict(
+    images: Path, out: Path, model: Path, device: str, log: Path, backend: str = "auto", precision: str = "auto"
+) -> Run:
+    """``segpipe predict`` of every image in ``images`` (mirroring TTA on by default) with fold 0 of the WORK
+    folder, or with a model folder (``segpipe export``), on ``backend`` in ``precision``."""
+    cmd = [*SEGPIPE, "predict", "-i", str(images), "-o", str(out), "-m", str(model)]
+    if not (model / "segpipe_model.json").exists():
+        cmd += ["--config", CONFIG, "--folds", str(FOLD)]
+    cmd += ["--device", device, "--backend", backend, "--precision", precision]
+    env = {**os.environ, "SEGPIPE_CACHE_DIR": str(out.parent / "cache")}  # auto measures afresh: timed
+    return run_timed(cmd, log, env)
 
 
 def time_nnunet_predict(
@@ -396,37 +423,48 @@ def check_outputs(out: Path, names: list[str], tool: str) -> None:
 
 
 def bench_predict(args: argparse.Namespace, tmp: Path, log: Path) -> list[dict[str, object]]:
-    """Seconds to predict ``--cases`` training images with TTA, fold 0 of briefly trained models."""
+    """Seconds to predict ``--cases`` training images with TTA, fold 0 of briefly trained models: nnU-Net
+    once, segpipe once per ``--backend`` x ``--precision`` (one record each)."""
     prepared = prepare(args, tmp, log, QUICK_TRAIN_CASES)
     images = tmp / "images"
     names = link_prediction_inputs(prepared.data, args.cases, images)
     train_segpipe_model(prepared.segpipe_work, args, log)
-    ours = time_segpipe_predict(images, tmp / "pred_segpipe", prepared.segpipe_work, args.device, log)
-    check_outputs(tmp / "pred_segpipe", names, "segpipe")
     theirs = None
     if prepared.nnunet is not None:
         time_nnunet_train(prepared.data, prepared.nnunet, args.workers, args.device, 0, MODEL_ITERS, log)
         out = tmp / "pred_nnunet"
         theirs = time_nnunet_predict(images, out, prepared.data, prepared.nnunet, args.workers, args.device, log)
         check_outputs(out, names, "nnU-Net")
-    return [
-        {
-            "benchmark": "predict",
-            "stage": "predict",
-            "segpipe_s": round(ours.seconds, 3),
-            "nnunet_s": round(theirs.seconds, 3) if theirs else None,
-            "ratio": round(ours.seconds / theirs.seconds, 3) if theirs else None,
-            "segpipe_s_per_case": round(ours.seconds / len(names), 4),
-            "nnunet_s_per_case": round(theirs.seconds / len(names), 4) if theirs else None,
-            "tta": True,
-            "device": args.device,
-            "workers": args.workers,
-            "cases": len(names),
-            "host": host_info(),
-            "segpipe_peak_rss_mb": round(ours.peak_rss_mb, 1),
-            "nnunet_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
-        }
-    ]
+    records = []
+    for backend, precision in predict_variants(args.backend, args.precision):
+        fmt = EXPORT_FORMAT.get(backend)
+        model = export_segpipe_model(prepared.segpipe_work, fmt, log) if fmt else prepared.segpipe_work
+        out = tmp / f"pred_segpipe_{backend}_{precision}"
+        ours = time_segpipe_predict(images, out, model, args.device, log, backend, precision)
+        check_outputs(out, names, "segpipe")
+        records.append(
+            {
+                "benchmark": "predict",
+                "stage": "predict",
+                "backend": backend,
+                "precision": precision,
+                "model": f"model folder ({fmt})" if fmt else "WORK folder",
+                "segpipe_s": round(ours.seconds, 3),
+                "nnunet_s": round(theirs.seconds, 3) if theirs else None,
+                "ratio": round(ours.seconds / theirs.seconds, 3) if theirs else None,
+                "speedup": round(theirs.seconds / ours.seconds, 2) if theirs else None,  # nnU-Net's time / ours
+                "segpipe_s_per_case": round(ours.seconds / len(names), 4),
+                "nnunet_s_per_case": round(theirs.seconds / len(names), 4) if theirs else None,
+                "tta": True,
+                "device": args.device,
+                "workers": args.workers,
+                "cases": len(names),
+                "host": host_info(),
+                "segpipe_peak_rss_mb": round(ours.peak_rss_mb, 1),
+                "nnunet_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
+            }
+        )
+    return records
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path, Path], list[dict[str, object]]]] = {
@@ -474,6 +512,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"predict: images predicted (default {FULL.cases}; --quick {QUICK.cases}).",
     )
     parser.add_argument("--compile", action="store_true", help="train: segpipe with torch.compile (train --compile).")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="predict: comma-separated segpipe backends (auto, torch, openvino, onnxruntime); one record each.",
+    )
+    parser.add_argument(
+        "--precision", default="auto", help="predict: comma-separated precisions (auto, fp32, bf16), for each backend."
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny synthetic dataset, no nnU-Net (smoke test).")
     parser.add_argument("--nnunet-bin", type=Path, default=None, help="Directory with the nnUNetv2_* commands.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary work folder (path on stderr).")
@@ -484,6 +530,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cases = sizes.cases if args.cases is None else args.cases
     if args.workers is None:
         args.workers = DEFAULT_WORKERS.get(args.which, os.cpu_count() or 1)
+    args.backend, args.precision = args.backend.split(","), args.precision.split(",")
+    unknown = sorted(set(args.backend) - set(BACKENDS) | set(args.precision) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"unknown --backend/--precision {', '.join(unknown)}")
     if args.warmup_iters < 0 or args.iters < 1 or args.cases < 1:
         parser.error("--iters and --cases must be at least 1, --warmup-iters at least 0")
     if args.workers < (0 if args.which == "train" else 1):  # train: 0 loads data in the training process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,18 @@ from cli import main
 from segpipe.core.atomic import read_json, write_json
 from segpipe.data.nifti import load_nifti, save_nifti, strip_nifti_ending
 from segpipe.data.synth import make_synthetic_dataset
+
+# The suite's CLI predictions run torch fp32 as before segpipe export existed (the tests of --backend auto
+# and bf16 ask for them), so no test spends seconds measuring backends for a throw-away model.
+os.environ.setdefault("SEGPIPE_BACKEND", "torch")
+os.environ.setdefault("SEGPIPE_PRECISION", "fp32")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _backend_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Measured backend choices go to a temporary folder, never to the user's ~/.cache."""
+    os.environ["SEGPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("segpipe_cache"))
+
 
 HIPPOCAMPUS = Path(__file__).parents[1].parent / "shared/data/Task04_Hippocampus"
 requires_hippocampus = pytest.mark.skipif(

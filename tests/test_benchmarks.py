@@ -68,8 +68,20 @@ def test_quick_train_benchmark_prints_iterations_per_second() -> None:
 
 
 def test_quick_predict_benchmark_prints_seconds_per_case() -> None:
-    (record,) = run_benchmark("--which", "predict", "--quick", "--workers", "1", "--device", "cpu")
-    assert_segpipe_only(record)
-    assert (record["benchmark"], record["stage"]) == ("predict", "predict")
-    assert record["cases"] == 2 and record["tta"] is True
-    assert abs(record["segpipe_s_per_case"] * 2 - record["segpipe_s"]) < 0.01
+    args = ["--backend", "torch,openvino,onnxruntime", "--precision", "fp32,bf16"]
+    records = run_benchmark("--which", "predict", "--quick", "--workers", "1", "--device", "cpu", *args)
+    # one record per backend and precision, but ONNX Runtime in bf16 (it has no bf16 kernels)
+    pairs = [(r["backend"], r["precision"]) for r in records]
+    assert pairs == [
+        ("torch", "fp32"),
+        ("torch", "bf16"),
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("onnxruntime", "fp32"),
+    ]
+    for record in records:
+        assert_segpipe_only(record)
+        assert (record["benchmark"], record["stage"]) == ("predict", "predict")
+        assert record["cases"] == 2 and record["tta"] is True
+        assert abs(record["segpipe_s_per_case"] * 2 - record["segpipe_s"]) < 0.01
+    assert [r["model"] for r in records[::2]] == ["WORK folder", "model folder (openvino)", "model folder (onnx)"]

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.core.atomic import remove_stale_temporaries, write_json
@@ -36,6 +35,7 @@ from segpipe.core.errors import StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles
 from segpipe.data.nifti import InputError
+from segpipe.inference.backends import Runner, TorchRunner, resolve_precision
 from segpipe.inference.manifest import PredictionManifest
 from segpipe.inference.predict import (
     PredictOptions,
@@ -58,6 +58,7 @@ from segpipe.inference.sliding_window import choose_accumulation_device
 from segpipe.planning.plans import Plans, load_plans
 from segpipe.preprocessing.preprocess import PreprocessedCase
 from segpipe.runs.checkpoint import load_checkpoint, load_model, mirror_axes_of
+from segpipe.runs.run_config import members_configuration
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo, device_for, shard
 
@@ -115,7 +116,10 @@ def predict_candidates(
         raise ValueError("no cases to predict")
     dev = device_for(resolve_device(device), dist)
     plans = load_plans(WorkDir(work).plans)
-    config = plans.configuration(config_name)
+    # the configuration the run trained (run overrides may have changed patch, batch or width)
+    config = members_configuration(
+        sorted({p.parent for members in candidates.values() for p in members}), plans.configuration(config_name)
+    )
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
     ordered = [p for members in candidates.values() for p in members]
@@ -127,12 +131,18 @@ def predict_candidates(
         position += len(listed)
     # every member of one configuration was trained alike: the first one's mirror axes (as predict_folder)
     options = replace(options, mirror_axes=mirror_axes_of(ordered[0]))
-    models_on = {dev: [load_model(p, plans, config, dev) for p in paths]}
 
-    def models_for(d: torch.device) -> list[nn.Module]:
+    def runners(d: torch.device) -> list[Runner]:
+        """The models on ``d`` in the options' precision (torch: validation compares every candidate alike)."""
+        precision = resolve_precision(options.precision, d, "torch")
+        return [TorchRunner(load_model(p, plans, config, d), precision, d) for p in paths]
+
+    models_on = {dev: runners(dev)}
+
+    def models_for(d: torch.device) -> list[Runner]:
         """The models on ``d``; CPU copies are read only when a case falls back to the CPU."""
         if d not in models_on:
-            models_on[d] = [load_model(p, plans, config, d) for p in paths]
+            models_on[d] = runners(d)
         return models_on[d]
 
     mine = shard(cases, dist)

@@ -11,8 +11,10 @@ A failing case (unreadable or invalid input, a full or read-only output folder) 
 the stage then ends with :class:`StageFailed`. A case is skipped when its output exists and its
 inputs are unchanged since (see :mod:`segpipe.inference.manifest`), so a folder that was half done resumes.
 A case's accumulators stay on the device when they fit and go to the CPU otherwise (see
-:func:`segpipe.inference.sliding_window.choose_accumulation_device`). Under torchrun each rank predicts its share of
-the cases and rank 0 checks and merges the result (:func:`merge_ranks`).
+:func:`segpipe.inference.sliding_window.choose_accumulation_device`). The networks run on the backend
+and precision of ``PredictOptions`` (:mod:`segpipe.inference.backends`); a model folder made by
+``segpipe export`` predicts through :func:`predict_model_folder`, without a WORK folder. Under torchrun
+each rank predicts its share of the cases and rank 0 checks and merges the result (:func:`merge_ranks`).
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from segpipe.core.atomic import remove_stale_temporaries, save_npz, write_json
@@ -37,10 +38,12 @@ from segpipe.core.errors import PREDICT_MEMORY_REMEDY, DeviceFailed, StageFailed
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, CaseFiles, list_prediction_inputs, read_case
 from segpipe.data.nifti import InputError, save_nifti, strip_nifti_ending
+from segpipe.inference.backends import NATIVE_BF16_CAPABILITY, Runner
 from segpipe.inference.decode import label_map
-from segpipe.inference.ensemble import Members, inference_mirror_axes, load_members
+from segpipe.inference.ensemble import Members
 from segpipe.inference.manifest import FileIdentity, PredictionManifest, input_identity
-from segpipe.inference.postprocessing import apply_postprocessing, load_decision
+from segpipe.inference.models import LoadedModels, load_folder_models, load_work_models
+from segpipe.inference.postprocessing import apply_postprocessing
 from segpipe.inference.sliding_window import (
     accumulator_bytes,
     choose_accumulation_device,
@@ -54,7 +57,6 @@ from segpipe.preprocessing.cascade import MissingPreviousStage, read_previous_st
 from segpipe.preprocessing.preprocess import PreprocessedCase, preprocess_case
 from segpipe.preprocessing.resampling import resample_probabilities
 from segpipe.runs.checkpoint import FINAL
-from segpipe.runs.run_config import members_configuration
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo, device_for, gather_reports, shard
 
@@ -73,6 +75,8 @@ class PredictOptions:
     # device memory (MB) a case's accumulators may take; None: SEGPIPE_DEVICE_MEMORY_LIMIT_MB, else
     # a share of the device's free memory (CUDA)
     device_memory_limit_mb: float | None = None
+    backend: str = "torch"  # torch, openvino, onnxruntime, or auto: the fastest installed (the CLI's default)
+    precision: str = "auto"  # fp32, bf16, or auto: bf16 where the CPU or GPU has it natively
 
 
 MEMORY_LIMIT_ENV = "SEGPIPE_DEVICE_MEMORY_LIMIT_MB"
@@ -96,11 +100,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-# bf16 runs natively from compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() is also true
-# on older GPUs that only emulate it, slowly
-NATIVE_BF16_CAPABILITY = (8, 0)
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -139,7 +138,7 @@ def restore_label_map(
 
 
 def average_probabilities(
-    models: list[nn.Module],
+    models: Sequence[Runner],
     pre: PreprocessedCase,
     plans: Plans,
     config: Configuration,
@@ -162,7 +161,7 @@ def average_probabilities(
             device=device,
             batch_windows=options.batch_windows,
             accumulate_on=accumulate_on,
-            amp_dtype=amp_dtype_for(device),
+            amp_dtype=None,  # the runners compute in their backend's precision
             sigmoid=plans.regions is not None,
         )
         with torch.inference_mode():  # p is an inference tensor: sum it in place inside that mode
@@ -241,7 +240,7 @@ def with_fallbacks(case_id: str, attempts: list[Attempt], run: Callable[[torch.d
 
 
 def predict_case_probabilities(
-    models: list[nn.Module],
+    models: Sequence[Runner],
     pre: PreprocessedCase,
     plans: Plans,
     config: Configuration,
@@ -360,21 +359,47 @@ def predict_folder(
     dist: DistInfo = SINGLE,
     previous_stage: dict[str, Path] | None = None,
 ) -> dict:
-    """Predict every case of ``input_dir`` (or the given ``cases``); see the module docstring.
+    """Predict every case of ``input_dir`` (or the given ``cases``) with members of a WORK folder; see
+    the module docstring.
 
     A cascade stage 2 needs ``previous_stage``: each case's stage-1 segmentation file (see
     :func:`predict_cascade`). Under torchrun (``dist``) each rank predicts every ``world_size``-th case;
     see :func:`merge_ranks`."""
     dev = device_for(resolve_device(device), dist)
-    plans = load_plans(WorkDir(work).plans)
-    # the configuration the members trained (run overrides may have changed patch, batch or width)
-    run_dirs = [WorkDir(work).run(config_name, f) for f in members.folds]
-    config = members_configuration(run_dirs, plans.configuration(config_name))
+    config = load_plans(WorkDir(work).plans).configuration(config_name)
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")
-    models = load_members(work, plans, config, members, dev)
-    options = replace(options, mirror_axes=inference_mirror_axes(work, config_name, members))
-    decision = load_decision(WorkDir(work).postprocessing(config_name)) if options.postprocess else None
+    loaded = load_work_models(work, config_name, members, options, dev)
+    return predict_loaded(input_dir, output_dir, loaded, options, dev, cases, dist, previous_stage)
+
+
+def predict_model_folder(
+    input_dir: Path,
+    output_dir: Path,
+    model_dir: Path,
+    options: PredictOptions,
+    device: str = "auto",
+    dist: DistInfo = SINGLE,
+) -> dict:
+    """Predict every case of ``input_dir`` with a model folder of ``segpipe export`` (no WORK folder)."""
+    dev = device_for(resolve_device(device), dist)
+    loaded = load_folder_models(model_dir, options, dev)
+    return predict_loaded(input_dir, output_dir, loaded, options, dev, dist=dist)
+
+
+def predict_loaded(
+    input_dir: Path,
+    output_dir: Path,
+    loaded: LoadedModels,
+    options: PredictOptions,
+    dev: torch.device,
+    cases: list[CaseFiles] | None = None,
+    dist: DistInfo = SINGLE,
+    previous_stage: dict[str, Path] | None = None,
+) -> dict:
+    """Predict every case of ``input_dir`` (or ``cases``) with ``loaded``; see :func:`predict_folder`."""
+    plans, config, models, decision = loaded.plans, loaded.config, loaded.networks, loaded.decision
+    options = replace(options, mirror_axes=loaded.mirror_axes)
     problems: dict[str, str] = {}
     if cases is None:
         cases, listing_problems = list_prediction_inputs(input_dir, len(plans.channel_names))
@@ -412,17 +437,17 @@ def predict_folder(
 
     models_on = {dev: models}
 
-    def models_for(device: torch.device) -> list[nn.Module]:
-        """The members on ``device``; CPU copies are read from the checkpoints only when a case needs them."""
+    def models_for(device: torch.device) -> list[Runner]:
+        """The members on ``device``; CPU copies are built only when a case falls back to the CPU."""
         if device not in models_on:
-            models_on[device] = load_members(work, plans, config, members, device)
+            models_on[device] = loaded.reload(device)
         return models_on[device]
 
-    def predict_one(case: CaseFiles, loaded: Future) -> str | None:
+    def predict_one(case: CaseFiles, read: Future) -> str | None:
         """Predict and write one case; return its problem (None: done). Its arrays die on return."""
         where = case.images[0]  # the file an error is reported against: the input, then the output
         try:
-            identity, data, pre = loaded.result()
+            identity, data, pre = read.result()
             need = case_device_bytes(pre, config, plans.num_classes, len(models), options)
             attempts = fallback_attempts(dev, choose_accumulation_device(need, dev, limit))
             probs = with_fallbacks(
@@ -466,6 +491,9 @@ def predict_folder(
         "failed": len(problems),
         "seconds": round(time.perf_counter() - start, 2),
         "postprocessing": decision is not None,
+        "backend": loaded.choice.backend,
+        "precision": loaded.choice.precision.name,
+        "choice": loaded.choice.describe(),
     }
     if dist.enabled:
         predicted = [c.case_id for c in todo if c.case_id not in problems]

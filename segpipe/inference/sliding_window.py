@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -164,7 +164,7 @@ def release_cached_memory(device: torch.device) -> None:
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     patch: Sequence[int],
     num_classes: int,
@@ -179,6 +179,7 @@ def predict_probabilities(
     """Softmax probabilities ``(num_classes, X, Y, Z)`` of ``image`` ``(C, X, Y, Z)`` (``sigmoid``: one
     independent probability per output channel, for regions).
 
+    ``model``: a module, or any backend's runner (:mod:`segpipe.inference.backends`).
     ``batch_windows`` windows, each in every mirroring, go through the network in one batch; the
     softmax of each mirroring is un-mirrored, averaged and added with Gaussian weight, and the sum is
     divided by the summed weights. A batch that runs out of device memory is retried with half the

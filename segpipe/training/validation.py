@@ -24,7 +24,7 @@ from segpipe.core.paths import LAST_SNAPSHOTS, VALIDATION_FOLDERS, WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.evaluation.metrics import evaluate_folder
 from segpipe.inference.candidates import predict_candidates
-from segpipe.inference.predict import PredictOptions
+from segpipe.inference.predict import PredictOptions, resolve_device
 from segpipe.planning.plans import load_plans
 from segpipe.preprocessing.cascade import out_of_fold_predictions
 from segpipe.runs.checkpoint import FINAL
@@ -66,7 +66,9 @@ def validate_fold(
         raise FileNotFoundError(f"fold {fold} has no labelled validation cases")
     gt_dir = Path(cases[0].label).parent
     run_dir = wd.run(config_name, fold)
-    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False)
+    # out-of-fold scores stay fp32 on a CPU, so they compare across machines with and without native bf16
+    precision = "auto" if resolve_device(device).type == "cuda" else "fp32"
+    options = PredictOptions(tta=tta, save_probabilities=True, overwrite=True, postprocess=False, precision=precision)
     config = plans.configuration(config_name)
     # a cascade stage 2 builds on stage 1's out-of-fold predictions, exactly as in its training
     previous = out_of_fold_predictions(work, config, sorted(val_ids)) if config.previous_stage else None

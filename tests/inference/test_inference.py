@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+import segpipe.inference.models as models_module
 import segpipe.inference.predict as predict_module
 from segpipe.data.dataset import CaseFiles, read_case
 from segpipe.data.nifti import save_nifti
@@ -317,8 +318,8 @@ def test_predict_folder_writes_input_geometry(tmp_path: Path, monkeypatch: pytes
     plans = _plans(list(spacing), list(shape))
     save_plans(plans, work / "plans.json")
     model = NearestValue(_normalized_class_values(label))
-    monkeypatch.setattr(predict_module, "load_members", lambda *args, **kwargs: [model])
-    monkeypatch.setattr(predict_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
+    monkeypatch.setattr(models_module, "load_members", lambda *args, **kwargs: [model])
+    monkeypatch.setattr(models_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
     out = tmp_path / "out"
     summary = predict_folder(inputs, out, work, FULLRES, Members([0]), PredictOptions(), device="cpu")
     assert summary["predicted"] == 1 and summary["failed"] == 0
@@ -467,8 +468,8 @@ def _fixed_model_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: 
         case_path = Path(case.images[0])
         case_path.rename(case_path.with_name(f"case_{i:03d}.nii.gz"))
     save_plans(_plans(list(spacing), list(shape)), tmp_path / "work" / "plans.json")
-    monkeypatch.setattr(predict_module, "load_members", lambda *args, **kwargs: [model])
-    monkeypatch.setattr(predict_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
+    monkeypatch.setattr(models_module, "load_members", lambda *args, **kwargs: [model])
+    monkeypatch.setattr(models_module, "inference_mirror_axes", lambda *args, **kwargs: (0, 1, 2))
     return tmp_path / "work"
 
 
