@@ -190,3 +190,26 @@ def test_every_network_trains_under_ddp() -> None:
     proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [w for n in names for w in (n, "ok")]
+
+
+@pytest.mark.parametrize("name", ["dynunet", "resenc", "segresnet"])
+def test_every_network_exports_and_runs_in_each_backend(name: str, tmp_path: Path) -> None:
+    """Each registered network, as prediction loads it, exported to ONNX and OpenVINO IR: the runtimes'
+    logits equal torch's on the same windows, at another batch size than the export's (dynamic batch)."""
+    from segpipe.inference.backends import NetworkSource, Precision, build_runner
+    from segpipe.inference.export import FORMATS, WRITERS
+
+    config = Configuration("3d_fullres", [1, 1, 1], [32] * 3, [32] * 3, 2, TOPO_3D, "x", network=NetworkSpec(name))
+    torch.manual_seed(0)
+    model = build_network(config, 1, 3, deep_supervision=True).eval()
+    x = torch.randn(3, 1, 32, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    fp32 = Precision("fp32", "test")
+    for fmt, backend in [("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")]:
+        folder = tmp_path / fmt
+        folder.mkdir(exist_ok=True)
+        written = WRITERS[fmt](model, torch.zeros(1, 1, 32, 32, 32), folder / f"net{FORMATS[fmt]}")
+        source = NetworkSource((1, 32, 32, 32), path=written[0], format=fmt)
+        got = build_runner(backend, source, fp32, torch.device("cpu"))(x)
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3, msg=f"{fmt} on {backend}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from segpipe.augmentation.batched import augment_batch
+from segpipe.augmentation.batched import augment_batch, batch_extent
 from segpipe.augmentation.draw import AugmentationConfig, Augmenter
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import CaseData, Dataset
@@ -22,7 +22,7 @@ from segpipe.planning.plans import CASCADE, FULLRES, LOWRES, load_plans
 from segpipe.preprocessing.cascade import one_hot
 from segpipe.preprocessing.preprocess import preprocess_case
 from segpipe.runs.checkpoint import FINAL, load_checkpoint
-from segpipe.training.sampling import PatchBatches, SamplerSpec
+from segpipe.training.sampling import PatchBatches, SamplerSpec, stack_crops
 from tests.conftest import run_cli
 
 # A memory budget so small that a 64x64x40 volume needs the cascade: the full-res patch covers < 25%.
@@ -169,7 +169,9 @@ def test_training_batches_carry_one_hot_stage1_channels(cascade_work: tuple[Path
         in_workers = next(iter(PatchBatches(spec, 1, seed=3, epoch=epoch, augmenter=augmenter)))
         raw = next(iter(PatchBatches(spec, 1, seed=3, epoch=epoch, augmenter=augmenter, augment_in_workers=False)))
         assert "params" in raw and "params" not in in_workers
-        image, label = augment_batch(augmenter, raw["image"], raw["label"], raw["params"], config.patch_size)
+        extent, cpu = batch_extent(config.patch_size, raw["params"]), torch.device("cpu")  # each sample's own crop,
+        crops = stack_crops(raw["image"], extent, cpu), stack_crops(raw["label"], extent, cpu)  # padded as on a GPU
+        image, label = augment_batch(augmenter, *crops, raw["params"], config.patch_size)
         assert image.shape == in_workers["image"].shape
         assert torch.allclose(image, in_workers["image"], atol=1e-5)
         assert torch.equal(label, in_workers["label"])
