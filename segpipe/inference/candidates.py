@@ -59,6 +59,7 @@ from segpipe.planning.plans import Plans, load_plans
 from segpipe.preprocessing.preprocess import PreprocessedCase
 from segpipe.runs.checkpoint import load_checkpoint, load_model, mirror_axes_of
 from segpipe.runs.run_config import members_configuration
+from segpipe.runs.snapshots import run_dir_of
 from segpipe.scale import distributed
 from segpipe.scale.distributed import SINGLE, DistInfo, device_for, shard
 
@@ -118,7 +119,7 @@ def predict_candidates(
     plans = load_plans(WorkDir(work).plans)
     # the configuration the run trained (run overrides may have changed patch, batch or width)
     config = members_configuration(
-        sorted({p.parent for members in candidates.values() for p in members}), plans.configuration(config_name)
+        sorted({run_dir_of(p) for members in candidates.values() for p in members}), plans.configuration(config_name)
     )
     if config.previous_stage and previous_stage is None:
         raise ValueError(f"{config_name} needs stage-1 ({config.previous_stage}) segmentations of the cases")

@@ -23,6 +23,11 @@ def snapshot_path(run_dir: Path, cycle: int) -> Path:
     return run_dir / SNAPSHOT_DIR / f"cycle_{cycle}.pt"
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (snapshots live one folder down)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == SNAPSHOT_DIR else checkpoint.parent
+
+
 def list_snapshots(run_dir: Path) -> list[Path]:
     """Snapshot files of a run, in cycle order."""
     return sorted((run_dir / SNAPSHOT_DIR).glob("cycle_*.pt"), key=lambda p: int(p.stem.split("_")[1]))

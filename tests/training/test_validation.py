@@ -65,7 +65,8 @@ def test_one_pass_writes_what_one_predict_folder_per_candidate_writes(cyclic_run
     summary = validate_fold(work, CONFIG, 0, device="cpu", tta=True)
     cases = _validation_cases(work)
     assert summary is not None and summary["num_cases"] == len(cases) == 3
-    options = PredictOptions(tta=True, save_probabilities=True, overwrite=True, postprocess=False)
+    # validation predicts in fp32 on a CPU (scores comparable across machines): so does the reference
+    options = PredictOptions(tta=True, save_probabilities=True, overwrite=True, postprocess=False, precision="fp32")
     for folder, members in MEMBERS.items():
         reference = tmp_path / folder
         predict_folder(reference, reference, work, CONFIG, members, options, "cpu", cases=cases)
