@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,14 @@ def test_quick_predict_benchmark_prints_seconds_per_case() -> None:
         assert record["cases"] == 2 and record["tta"] is True
         assert abs(record["segpipe_s_per_case"] * 2 - record["segpipe_s"]) < 0.01
     assert [r["model"] for r in records[::2]] == ["WORK folder", "model folder (openvino)", "model folder (onnx)"]
+
+
+def test_gpu_check_says_when_there_is_no_gpu() -> None:
+    """The first-GPU-check script stops at once, saying why, on a machine without CUDA (as here)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no CUDA device visible" in result.stderr and result.stdout == ""
