@@ -11,11 +11,11 @@ case's output, so an output without an entry (a run killed in between, an older 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from segpipe.core.atomic import read_json, write_json
+from segpipe.core.digest import file_digest
 from segpipe.data.nifti import InputError
 
 MANIFEST_NAME = ".segpipe_manifest.json"
@@ -25,12 +25,8 @@ SHARD_NAME = ".segpipe_manifest.rank{rank}.json"  # one rank's entries under tor
 FileIdentity = dict[str, object]  # {"file": name, "size": bytes, "mtime_ns": int, "sha1": hex}
 
 
-def sha1_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha1_of(path: str | Path) -> str:
+    return file_digest(path, "sha1")
 
 
 def input_identity(images: list[str]) -> list[FileIdentity]:

@@ -10,12 +10,12 @@ error naming it, never a silently different prediction. No WORK folder and no tr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from segpipe.core.atomic import read_json
+from segpipe.core.digest import file_digest
 from segpipe.core.serialization import from_dict
 from segpipe.planning.plans import Configuration, Plans
 
@@ -50,12 +50,8 @@ class ModelManifest:
         return self.plans.configuration(self.configuration)
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_of(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def is_model_folder(path: str | Path) -> bool:
