@@ -34,6 +34,11 @@ def _fail(exc: Exception, remedy: str | None = None) -> None:
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
+def _model_option(help_text: str):
+    """``-m/--model``: the folder the models (and their plans) come from."""
+    return click.option("-m", "--model", "work", required=True, type=click.Path(path_type=Path), help=help_text)
+
+
 @click.group()
 @click.version_option(package_name="segpipe")
 @click.option("--verbose", is_flag=True, help="On failure, print the traceback too (segpipe --verbose COMMAND ...).")
@@ -407,14 +412,7 @@ def tune(
 @main.command()
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path), help="NIfTI folder.")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option(
-    "-m",
-    "--model",
-    "work",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Work folder, or a model folder made by segpipe export.",
-)
+@_model_option("Work folder, or a model folder made by segpipe export.")
 @click.option("--config", default="3d_fullres", show_default=True)
 @click.option("--folds", default=None, help="Comma-separated folds to ensemble (default: every trained fold).")
 @click.option(
@@ -609,14 +607,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, output: Path | None, labels: str | No
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option(
-    "-m",
-    "--model",
-    "work",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Work folder (labels from its plans.json).",
-)
+@_model_option("Work folder (labels from its plans.json).")
 def ensemble(inputs: tuple[Path, ...], output_dir: Path, work: Path) -> None:
     """Average the CASE.npz probabilities of prediction folders (from --save-probabilities) case by case."""
     from segpipe.core.errors import StageFailed

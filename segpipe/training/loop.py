@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from segpipe.augmentation.batched import augment_batch, batch_extent
+from segpipe.augmentation.batched import augment_batch
 from segpipe.augmentation.draw import AUGMENTATIONS, Augmenter, choose_geometry
 from segpipe.core.atomic import read_json, remove_stale_temporaries
 from segpipe.core.paths import WorkDir
@@ -327,11 +327,9 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
     accumulate = max(1, run.settings.accumulate)
     stepping = (run.state.iteration + 1) % accumulate == 0
     if "params" in batch:  # the workers only cropped: augment here, on the device, the batch at once
-        params, patch = batch["params"], run.config.patch_size
-        extent = batch_extent(patch, params)
-        image = stack_crops(batch["image"], extent, run.device)
-        label = stack_crops(batch["label"], extent, run.device)
-        image, label = augment_batch(run.augmenter, image, label, params, patch)
+        image = stack_crops(batch["image"], batch["extent"], run.device)
+        label = stack_crops(batch["label"], batch["extent"], run.device)
+        image, label = augment_batch(run.augmenter, image, label, batch["params"], run.config.patch_size)
     else:
         image = batch["image"].to(run.device, non_blocking=True)
         label = batch["label"].to(run.device, non_blocking=True)

@@ -140,7 +140,7 @@ class PatchBatches(IterableDataset):
         Augmenting here (``augment_in_workers``), every crop has the batch's common source extent
         (:func:`batch_extent`) and the batch comes out augmented. Augmenting on the training device,
         each sample's crop has its own :func:`source_extent` and ``image``/``label`` are lists: less to
-        copy to the device, where :func:`stack_crops` pads them to the common extent."""
+        copy to the device, where :func:`stack_crops` pads them to the common ``extent`` (sent along)."""
         spec = self.spec
         cases = self.cases
         n_random = round(spec.batch_size * (1 - spec.oversample_foreground))
@@ -160,7 +160,7 @@ class PatchBatches(IterableDataset):
             labels.append(crop_padded(case.label[None], center, extent))
         if per_sample:  # the label keeps the stored class dtype: int8, or int16
             crops = [torch.from_numpy(i).float() for i in images], [torch.from_numpy(lb) for lb in labels]
-            return {"image": crops[0], "label": crops[1], "params": drawn}
+            return {"image": crops[0], "label": crops[1], "params": drawn, "extent": common}
         batch: dict[str, Any] = {
             "image": torch.from_numpy(np.stack(images)).float(),
             "label": torch.from_numpy(np.stack(labels)),
