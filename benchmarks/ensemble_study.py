@@ -147,7 +147,7 @@ def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, A
         row["dice"] = {k: _mean([row["cases"][c].get(k) for c in cases]) for k in labels}
         row["mean_dice"] = _mean(list(row["dice"].values()))
         per_case = [_mean([row["cases"][c].get(k) for k in labels]) for c in cases]
-        if base is None or sorted(base["cases"]) != cases:
+        if row is base or base is None or sorted(base["cases"]) != cases:
             row["difference"], row["p"] = None, None
             continue
         ref = [_mean([base["cases"][c].get(k) for k in labels]) for c in cases]
@@ -178,8 +178,10 @@ def markdown(rows: list[dict[str, Any]], labels: list[str], names: dict[str, str
     ]
     for r in rows:
         cells = [r["recipe"], r["candidate"], *[f"{r['dice'][k]:.4f}" for k in labels], f"{r['mean_dice']:.4f}"]
-        cells += ["" if r["difference"] is None else f"{r['difference']:+.4f}"]
-        cells += ["n/a" if r["p"] is None else f"{r['p']:.3g}", verdict(r), f"{r['seconds_per_case']:.2f}"]
+        baseline = verdict(r) == "baseline"
+        cells += ["—" if baseline else "" if r["difference"] is None else f"{r['difference']:+.4f}"]
+        cells += ["—" if baseline else "n/a" if r["p"] is None else f"{r['p']:.3g}"]
+        cells += [verdict(r), f"{r['seconds_per_case']:.2f}"]
         cells += [str(r["forward_passes"]), "/".join(map(str, r["iterations"]))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *[f"- `segpipe report` on {k}: {v}" for k, v in meta["reports"].items()]]
