@@ -178,10 +178,13 @@ def markdown(rows: list[dict[str, Any]], labels: list[str], names: dict[str, str
     ]
     for r in rows:
         cells = [r["recipe"], r["candidate"], *[f"{r['dice'][k]:.4f}" for k in labels], f"{r['mean_dice']:.4f}"]
-        baseline = verdict(r) == "baseline"
-        cells += ["—" if baseline else "" if r["difference"] is None else f"{r['difference']:+.4f}"]
-        cells += ["—" if baseline else "n/a" if r["p"] is None else f"{r['p']:.3g}"]
-        cells += [verdict(r), f"{r['seconds_per_case']:.2f}"]
+        v = verdict(r)
+        if v == "baseline":
+            cells += ["—", "—"]
+        else:
+            cells += ["" if r["difference"] is None else f"{r['difference']:+.4f}"]
+            cells += ["n/a" if r["p"] is None else f"{r['p']:.3g}"]
+        cells += [v, f"{r['seconds_per_case']:.2f}"]
         cells += [str(r["forward_passes"]), "/".join(map(str, r["iterations"]))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *[f"- `segpipe report` on {k}: {v}" for k, v in meta["reports"].items()]]

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from segpipe.core.paths import VALIDATION_FOLDERS
+
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"final": "validation", "swa": "validation_swa", "snapshots": "validation_snapshots"}
 
 
 def run_study(data: Path, work: Path) -> subprocess.CompletedProcess:
@@ -35,9 +36,9 @@ def test_study_table_matches_the_run_folders_and_a_rerun_skips(synthetic_dataset
     assert rows[("fge", "snapshots")]["forward_passes"] == 4  # FGE's four low points
     poly = per_case_mean(work / "poly" / "3d_fullres" / "fold_0" / "validation" / "summary.json")
     for (recipe, candidate), row in rows.items():
-        if candidate not in FOLDERS:
+        if candidate not in VALIDATION_FOLDERS:
             continue
-        cases = per_case_mean(work / recipe / "3d_fullres" / "fold_0" / FOLDERS[candidate] / "summary.json")
+        cases = per_case_mean(work / recipe / "3d_fullres" / "fold_0" / VALIDATION_FOLDERS[candidate] / "summary.json")
         assert abs(row["mean_dice"] - sum(cases.values()) / len(cases)) < 1e-9
         if recipe == "poly":
             assert row["difference"] is None  # the baseline is not compared with itself
