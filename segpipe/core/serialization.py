@@ -59,8 +59,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         key_t, val_t = typing.get_args(tp)
         return {_convert(key_t, k, where): _convert(val_t, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)):
-        return float(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):
         if tp is int and isinstance(value, float) and value.is_integer():
             return int(value)

@@ -100,6 +100,9 @@ class TrainingSettings:
 
     epochs: int = 1000
     iters_per_epoch: int = 250
+    # an epoch also ends after this many seconds (None: never): `segpipe tune` sets it so that a trial's
+    # pseudo-Dice is measured close to each pruning rung, whatever the trial's speed per iteration
+    epoch_seconds: float | None = None
     val_iters: int = 50
     optimizer: str = "sgd"  # a name in segpipe.training.optimizers.OPTIMIZERS
     loss: str = "dice_ce"  # a name in segpipe.training.losses.LOSSES

@@ -540,6 +540,8 @@ def fit(run: TrainingRun, num_workers: int | None = None, on_epoch_end: EpochEnd
             if run.progress() >= 1.0:
                 run.state.done = True
                 break
+            if settings.epoch_seconds and run.state.seconds - seconds_before >= settings.epoch_seconds:
+                break  # a time-sliced epoch; every rank reads the same shared clock, so all stop here
         with contextlib.suppress(Exception):
             bar.close()
         if losses:  # every rank ends the epoch at the same iteration: agree once more, keep the pace

@@ -39,6 +39,10 @@ from segpipe.tuning.trials import RungReporter, ensure_splits, train_and_validat
 TRIAL_ERRORS = (RuntimeError, ValueError, MemoryError)
 # study settings that must not change when a study is resumed or joined
 STUDY_KEYS = ("config", "fold", "min_budget", "max_budget", "space")
+# epochs per lowest rung: the pruner compares a trial's first pseudo-Dice at or past each rung, so an
+# epoch ending well past it would be judged on more training than its rivals (an epoch of 250
+# iterations can take longer than the whole lowest rung on a CPU)
+EPOCHS_PER_MIN_BUDGET = 4
 
 
 @dataclass
@@ -132,7 +136,17 @@ def open_study(work: Path, options: SearchOptions) -> Any:
             load_if_exists=True,
         )
         _check_study_settings(study, options)
+        if options.seed is not None and study.trials:
+            # a seeded sampler starts its random stream afresh in every process: resumed with the same
+            # --seed it would draw the first trials' parameters again
+            study.sampler = optuna.samplers.TPESampler(seed=options.seed + len(study.trials))
     return study
+
+
+def trial_fixed(options: SearchOptions, space: SearchSpace) -> dict[str, Any]:
+    """What every trial and confirmation run gets: time-sliced epochs (see EPOCHS_PER_MIN_BUDGET), then
+    the space's fixed settings, which may change that."""
+    return {"epoch_seconds": options.min_budget / EPOCHS_PER_MIN_BUDGET, **space.fixed}
 
 
 @contextlib.contextmanager
@@ -185,7 +199,7 @@ def make_objective(work: Path, options: SearchOptions, space: SearchSpace) -> Ca
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
-        overrides = suggest(trial, space)
+        overrides = {**trial_fixed(options, space), **suggest(trial, space)}
         # a retried trial keeps its user attributes, so it resumes the killed trial's folder
         folder = trial.user_attrs.get("folder") or f"trial_{trial.number:04d}"
         trial.set_user_attr("folder", folder)
@@ -275,7 +289,7 @@ def run_search(work: Path, options: SearchOptions, echo: Callable[[str], None] =
 
 
 def confirm(work: Path, study: Any, options: SearchOptions) -> dict[str, Any] | None:
-    """Re-train the best trial's settings and the defaults (the space's fixed settings only) on the
+    """Re-train the best trial's settings and the defaults (the trials' fixed settings only) on the
     confirmation fold at the top budget; both validation Dice values, beside the search fold's.
     One worker does it: the others find the lock taken and skip."""
     if options.confirm_fold is None or not _completed(study):
@@ -290,7 +304,7 @@ def confirm(work: Path, study: Any, options: SearchOptions) -> dict[str, Any] | 
         if not mine:
             return None
         runs = {"best": (f"confirm_trial_{best.number:04d}", best.user_attrs["overrides"])}
-        runs["defaults"] = ("confirm_defaults", dict(space.fixed))
+        runs["defaults"] = ("confirm_defaults", trial_fixed(options, space))
         dice = {}
         for name, (sub, overrides) in runs.items():
             result = train_and_validate(

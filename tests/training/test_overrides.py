@@ -21,6 +21,7 @@ from segpipe.planning.overrides import (
 from segpipe.planning.plans import load_plans
 from segpipe.runs.checkpoint import FINAL, load_checkpoint
 from segpipe.runs.run_config import RUN_CONFIGURATION
+from segpipe.runs.runlog import read_rows
 
 CONFIG = "3d_fullres"
 
@@ -46,6 +47,8 @@ def test_split_overrides_sorts_keys_and_checks_types() -> None:
         split_overrides({"iters_per_epoch": "many"})
     with pytest.raises(ValueError, match="train_fraction"):
         split_overrides({"train_fraction": 1.5})
+    with pytest.raises(ValueError, match="initial_lr: expected a number"):
+        split_overrides({"initial_lr": "fast"})
 
 
 def test_unknown_key_in_an_override_file_names_key_and_file(tmp_path: Path) -> None:
@@ -112,3 +115,18 @@ def test_train_refuses_an_unknown_override_key(work: Path, tmp_path: Path) -> No
     assert result.exit_code == 1
     assert "learning_rate" in result.output and "bad.json" in result.output
     assert not (work / CONFIG / "fold_1").exists()
+
+
+def test_epoch_seconds_ends_epochs_on_time(work: Path, tmp_path: Path) -> None:
+    """``epoch_seconds`` (what ``segpipe tune`` sets): epochs end on time, not only after iters_per_epoch."""
+    path = tmp_path / "sliced.json"
+    path.write_text(json.dumps({"iters_per_epoch": 10_000, "epoch_seconds": 0.5, "val_iters": 1, "num_workers": 0}))
+    result = run_cli(
+        "train", work, "--fold", 1, "--time-budget", 4, "--overrides", path, "--no-validation", "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_rows(work / CONFIG / "fold_1" / "log.csv")
+    assert len(rows) >= 3  # 4 s in epochs of 0.5 s; without the setting one epoch would be the whole run
+    assert all(float(r["epoch_seconds"]) >= 0.5 for r in rows[:-1])  # each ran until its time was up
+    assert int(rows[-1]["iteration"]) < 10_000
+    assert float(rows[-1]["elapsed_seconds"]) == pytest.approx(4, abs=1.5)
