@@ -399,10 +399,12 @@ def tune(
             )
             confirmed = confirm(work, found, options)
             if confirmed is not None:
+                p = confirmed["confirm_fold_wilcoxon_p"]
                 click.echo(
                     f"fold {confirmed['confirm_fold']}: best {confirmed['confirm_fold_dice']:.4f}, "
                     f"defaults {confirmed['defaults_confirm_fold_dice']:.4f} "
-                    f"(fold {confirmed['search_fold']}: best {confirmed['search_fold_dice']:.4f})"
+                    f"(fold {confirmed['search_fold']}: best {confirmed['search_fold_dice']:.4f}); paired p "
+                    + (f"{p:.2g}" if p is not None else "n/a")
                 )
         click.echo(f"wrote {write_report(tune_dir(work), found)}")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -158,11 +158,23 @@ def write_report(out_dir: Path, study: Any) -> Path:
                 ],
             )
         )
+        if c.get("confirm_fold_difference") is not None:
+            p = c.get("confirm_fold_wilcoxon_p")
+            blocks.append(
+                (
+                    "p",
+                    f"fold {c['confirm_fold']}, paired over its {c['confirm_fold_cases']} cases: best minus "
+                    f"defaults {c['confirm_fold_difference']:+.4f}, Wilcoxon p = "
+                    + (f"{p:.2g}" if p is not None else "n/a (too few cases)"),
+                )
+            )
     blocks.append(("h2", "optimisation history"))
     blocks.append(("img", plot_history(trials, out_dir / f"{stem}_history.png"), "optimisation history"))
     blocks.append(("img", plot_rungs(trials, out_dir / f"{stem}_rungs.png"), "rungs"))
     blocks.append(("h2", f"parameter importances ({evaluator})"))
     if values:
+        complete = sum(t.state.name == "COMPLETE" for t in trials)
+        blocks.append(("p", f"from the {complete} complete trials (pruned ones have no objective value)"))
         blocks.append(("img", plot_importances(values, evaluator, out_dir / f"{stem}_importances.png"), "importances"))
     else:
         blocks.append(("p", "not enough complete trials (or no parameter common to them) to estimate importances"))

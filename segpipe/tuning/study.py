@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import math
 import os
 import socket
@@ -28,9 +30,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from segpipe.core.atomic import write_json
+from segpipe.core.atomic import read_json, write_json
 from segpipe.core.paths import WorkDir
 from segpipe.core.registry import Registry
+from segpipe.evaluation.report import paired_comparison
 from segpipe.planning.plans import load_plans
 from segpipe.tuning.space import SearchSpace, load_space, resolve_space, suggest
 from segpipe.tuning.trials import RungReporter, ensure_splits, train_and_validate, trial_work
@@ -165,12 +168,16 @@ def _blocking_lock(path: Path | None):
 
 
 def _study_settings(options: SearchOptions) -> dict[str, Any]:
+    space_file = resolve_space(options.space).resolve()
+    # the space by its content, not its path: workers on other nodes have the file elsewhere
+    canonical = json.dumps(read_json(space_file), sort_keys=True).encode()
     return {
         "config": options.config,
         "fold": options.fold,
         "min_budget": float(options.min_budget),
         "max_budget": float(options.max_budget),
-        "space": str(resolve_space(options.space).resolve()),
+        "space": "sha256:" + hashlib.sha256(canonical).hexdigest()[:16],
+        "space_file": str(space_file),  # for people reading the study; not checked
     }
 
 
@@ -305,9 +312,9 @@ def confirm(work: Path, study: Any, options: SearchOptions) -> dict[str, Any] | 
             return None
         runs = {"best": (f"confirm_trial_{best.number:04d}", best.user_attrs["overrides"])}
         runs["defaults"] = ("confirm_defaults", trial_fixed(options, space))
-        dice = {}
+        results = {}
         for name, (sub, overrides) in runs.items():
-            result = train_and_validate(
+            results[name] = train_and_validate(
                 trial_work(work, folder / sub),
                 options.config,
                 options.confirm_fold,
@@ -316,15 +323,21 @@ def confirm(work: Path, study: Any, options: SearchOptions) -> dict[str, Any] | 
                 options.device,
                 options.tta,
             )
-            dice[name] = result.dice
+    best_cases, default_cases = results["best"].case_dice, results["defaults"].case_dice
+    cases = sorted(set(best_cases) & set(default_cases))
+    difference, p = paired_comparison([best_cases[c] for c in cases], [default_cases[c] for c in cases])
     out = {
         "study": options.study_name,
         "best_trial": best.number,
         "search_fold": options.fold,
         "search_fold_dice": best.value,
         "confirm_fold": options.confirm_fold,
-        "confirm_fold_dice": dice["best"],
-        "defaults_confirm_fold_dice": dice["defaults"],
+        "confirm_fold_dice": results["best"].dice,
+        "defaults_confirm_fold_dice": results["defaults"].dice,
+        # paired over the confirmation fold's cases: best minus defaults, two-sided Wilcoxon
+        "confirm_fold_difference": difference,
+        "confirm_fold_wilcoxon_p": p,
+        "confirm_fold_cases": len(cases),
         "budget_seconds": options.max_budget,
     }
     write_json(tune_dir(work) / "confirm.json", out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class TrialResult:
     pseudo_dice: float | None  # the last epoch's mean pseudo-Dice
     seconds: float  # training seconds spent (the budget used)
     stopped: bool  # stopped early (pruned)
+    case_dice: dict[str, float] = field(default_factory=dict)  # validation case -> mean Dice over labels
 
 
 def ensure_splits(work: Path, config_name: str) -> None:
@@ -94,7 +95,13 @@ def _finished(run_dir: Path, summary: dict[str, Any]) -> TrialResult:
     seconds = float(rows[-1]["elapsed_seconds"]) if rows else math.nan
     pseudo = _float(rows[-1].get("mean_dice")) if rows else None
     dice = summary.get("mean_dice")
-    return TrialResult(float(dice) if dice is not None else math.nan, pseudo, seconds, stopped=False)
+    cases = {c["case"]: _label_mean(c["dice"].values()) for c in summary.get("per_case", [])}
+    return TrialResult(float(dice) if dice is not None else math.nan, pseudo, seconds, False, cases)
+
+
+def _label_mean(values: Any) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _last_pseudo_dice(run: TrainingRun) -> float | None:

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
 from conftest import run_cli
 
 optuna = pytest.importorskip("optuna")
@@ -153,6 +155,26 @@ def test_search_writes_best_json_report_and_confirmation(searched: tuple[Path, s
     assert 0 <= confirm["confirm_fold_dice"] <= 1 and 0 <= confirm["defaults_confirm_fold_dice"] <= 1
     confirmed = work / "tune" / "main" / f"confirm_trial_{study.best_trial.number:04d}" / CONFIG / "fold_1"
     assert load_checkpoint(confirmed / FINAL)["settings"]["initial_lr"] == best["initial_lr"]
+    # the paired difference, recomputed from the two runs' validation summaries
+    defaults = work / "tune" / "main" / "confirm_defaults" / CONFIG / "fold_1"
+    per_case = {name: _case_means(sub) for name, sub in (("best", confirmed), ("defaults", defaults))}
+    assert confirm["confirm_fold_cases"] == len(per_case["best"]) == len(per_case["defaults"])
+    diffs = [per_case["best"][c] - per_case["defaults"][c] for c in per_case["best"]]
+    diffs = [d for d in diffs if not np.isnan(d)]
+    assert confirm["confirm_fold_difference"] == pytest.approx(np.mean(diffs))
+    if any(diffs) and len(diffs) >= 5:
+        assert confirm["confirm_fold_wilcoxon_p"] == pytest.approx(scipy.stats.wilcoxon(diffs).pvalue)
+    assert "paired over its" in html
+
+
+def _case_means(run_dir: Path) -> dict[str, float]:
+    """Validation case -> mean Dice over its labels (NaN labels left out), read from summary.json."""
+    cases = json.loads((run_dir / "validation" / "summary.json").read_text())["per_case"]
+    means = {}
+    for c in cases:
+        values = [v for v in c["dice"].values() if v is not None and not np.isnan(v)]
+        means[c["case"]] = float(np.mean(values)) if values else np.nan
+    return means
 
 
 def test_best_json_applied_by_train_changes_the_run(searched: tuple[Path, str]) -> None:
@@ -293,6 +315,27 @@ def test_a_resumed_search_with_the_same_seed_draws_new_parameters(tmp_path: Path
             drawn.append(json.dumps(suggest(trial, space), sort_keys=True))
             study.tell(trial, 0.5)
     assert len(set(drawn)) == 6, "the re-run repeated earlier draws"
+
+
+def test_a_study_is_joined_by_its_space_content_and_refused_with_other_budgets(tmp_path: Path) -> None:
+    """Workers on other nodes have the space file at another path: the same content joins the study;
+    other budgets are refused, naming the setting."""
+    copy = tmp_path / "elsewhere" / "space.json"
+    copy.parent.mkdir()
+    copy.write_text(json.dumps(load_space_json("default"), indent=4))  # same content, other layout
+    storage = f"sqlite:///{tmp_path / 'join.db'}"
+    open_study(tmp_path, SearchOptions(study="join", storage=storage))
+    joined = open_study(tmp_path, SearchOptions(study="join", storage=storage, space=str(copy)))
+    assert joined.user_attrs["space"].startswith("sha256:")
+    with pytest.raises(ValueError, match=r"other settings: max_budget 900\.0 \(here 600\.0\)"):
+        open_study(tmp_path, SearchOptions(study="join", storage=storage, max_budget=600))
+    copy.write_text(json.dumps({**load_space_json("default"), "fixed": {"val_iters": 3}}))
+    with pytest.raises(ValueError, match="other settings: space"):
+        open_study(tmp_path, SearchOptions(study="join", storage=storage, space=str(copy)))
+
+
+def load_space_json(name: str) -> dict:
+    return json.loads((REPO / "plans" / "search" / f"{name}.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------ parallel
