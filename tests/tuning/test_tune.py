@@ -84,7 +84,7 @@ def tune_command(work: Path, *args: object) -> list[str]:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the log is polled
     return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -241,7 +241,7 @@ def test_killed_search_resumes_the_study_and_the_killed_trial(work: Path, tmp_pa
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no second trial after 240 s"
             time.sleep(0.2)
-            victim = _second_trial_with_a_rung(work, "killed")
+            victim = _second_trial_with_a_rung(work, "killed", tmp_path / "first.log")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -289,10 +289,11 @@ def test_killed_search_resumes_the_study_and_the_killed_trial(work: Path, tmp_pa
     assert [int(r["epoch"]) for r in rows] == list(range(len(rows))) and len(rows) > epochs_before
 
 
-def _second_trial_with_a_rung(work: Path, study: str):
-    """A running trial after the first that has reported a rung, or None (also while the other process
-    has not created the study yet: the test must not create the database itself)."""
-    if not (work / "tune" / f"{study}.db").exists():
+def _second_trial_with_a_rung(work: Path, study: str, log: Path):
+    """A running trial after the first that has reported a rung, or None. Read only once the other
+    process has said it opened the study: opening a storage that is still being created races with it
+    (both stamp the schema version)."""
+    if "to run" not in log.read_text():
         return None
     try:
         trials = load(work, study).trials
