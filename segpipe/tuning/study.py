@@ -297,8 +297,9 @@ def run_search(work: Path, options: SearchOptions, echo: Callable[[str], None] =
 
 def confirm(work: Path, study: Any, options: SearchOptions) -> dict[str, Any] | None:
     """Re-train the best trial's settings and the defaults (the trials' fixed settings only) on the
-    confirmation fold at the top budget; both validation Dice values, beside the search fold's.
-    One worker does it: the others find the lock taken and skip."""
+    confirmation fold at the top budget; both validation Dice values, beside the search fold's, and
+    their difference paired over the fold's cases. One worker does it: the others find the lock taken
+    and skip."""
     if options.confirm_fold is None or not _completed(study):
         return None
     if options.confirm_fold == options.fold:
