@@ -368,8 +368,9 @@ def tune(
         import optuna  # noqa: F401
     except ImportError:
         _fail(RuntimeError("segpipe tune needs Optuna: pip install 'segpipe[tune]'"))
+    from segpipe.tuning.confirm import confirm
     from segpipe.tuning.report import write_best, write_report
-    from segpipe.tuning.study import SearchOptions, confirm, run_search, tune_dir
+    from segpipe.tuning.study import SearchOptions, run_search, tune_dir
 
     options = SearchOptions(
         config=config,

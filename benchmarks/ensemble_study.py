@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from segpipe.core.atomic import atomic_write, read_json, write_json  # noqa: E402
 from segpipe.core.paths import VALIDATION_FOLDERS, WorkDir  # noqa: E402
 from segpipe.core.serialization import from_dict  # noqa: E402
+from segpipe.evaluation.metrics import nanmean  # noqa: E402
 from segpipe.evaluation.report import build_report, paired_comparison  # noqa: E402
 from segpipe.planning.plans import TrainingSettings, load_plans  # noqa: E402
 from segpipe.planning.splits import load_or_create_splits  # noqa: E402
@@ -134,23 +135,18 @@ def collect(study: Path, recipes: list[str], folds: list[int]) -> list[dict[str,
     return rows
 
 
-def _mean(values: list[float | None]) -> float:
-    finite = [v for v in values if v is not None and v == v]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
 def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
     """Add to each row its Dice per label, mean Dice, and the paired comparison with poly's final weights."""
     base = next((r for r in rows if (r["recipe"], r["candidate"]) == BASELINE), None)
     for row in rows:
         cases = sorted(row["cases"])
-        row["dice"] = {k: _mean([row["cases"][c].get(k) for c in cases]) for k in labels}
-        row["mean_dice"] = _mean(list(row["dice"].values()))
-        per_case = [_mean([row["cases"][c].get(k) for k in labels]) for c in cases]
+        row["dice"] = {k: nanmean([row["cases"][c].get(k) for c in cases]) for k in labels}
+        row["mean_dice"] = nanmean(list(row["dice"].values()))
+        per_case = [nanmean([row["cases"][c].get(k) for k in labels]) for c in cases]
         if row is base or base is None or sorted(base["cases"]) != cases:
             row["difference"], row["p"] = None, None
             continue
-        ref = [_mean([base["cases"][c].get(k) for k in labels]) for c in cases]
+        ref = [nanmean([base["cases"][c].get(k) for k in labels]) for c in cases]
         row["difference"], row["p"] = paired_comparison(per_case, ref)
     return rows
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,12 +177,12 @@ def evaluate_folder(
     for metric in ("dice", "hd95"):
         for label in label_list:
             key = target_key(label)
-            mean[metric][key] = _nanmean([case[metric][key] for case in per_case])
+            mean[metric][key] = nanmean([case[metric][key] for case in per_case])
     summary: dict[str, Any] = {
         "labels": label_list,
         "per_case": per_case,
         "mean": mean,
-        "mean_dice": _nanmean(list(mean["dice"].values())),
+        "mean_dice": nanmean(mean["dice"].values()),
         "num_cases": len(per_case),
         "empty_policy": EMPTY_POLICY,
         "ignore_label": ignore_label,
@@ -283,10 +283,16 @@ def _evaluate_arrays(
     }
 
 
-def _nanmean(values: Sequence[float | None]) -> float:
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the values that are neither None nor NaN (NaN when none is)."""
     arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     finite = arr[~np.isnan(arr)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def case_mean_dice(case: dict[str, Any]) -> float:
+    """One ``per_case`` entry of an evaluation summary: its mean Dice over labels (NaN ones left out)."""
+    return nanmean(case["dice"].values())
 
 
 def _fmt(value: float | None) -> str:

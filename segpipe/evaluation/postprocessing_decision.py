@@ -20,7 +20,7 @@ from segpipe.core.atomic import read_json, write_json
 from segpipe.core.paths import WorkDir
 from segpipe.data.dataset import Dataset
 from segpipe.data.nifti import InputError, strip_nifti_ending
-from segpipe.evaluation.metrics import dice, load_label_map, mask_ignored, target_key
+from segpipe.evaluation.metrics import dice, load_label_map, mask_ignored, nanmean, target_key
 from segpipe.inference.postprocessing import keep_largest_component
 from segpipe.planning.plans import load_plans
 
@@ -61,10 +61,10 @@ def decide_postprocessing(
             scores["fg"][key].append(score(fg, target))
             scores["raw_l"][key].append(score(keep_largest_component(pred, [target]), target))
             scores["fg_l"][key].append(score(keep_largest_component(fg, [target]), target))
-    mean = {k: {v: _nanmean(s) for v, s in per_label.items()} for k, per_label in scores.items()}
+    mean = {k: {v: nanmean(s) for v, s in per_label.items()} for k, per_label in scores.items()}
 
     before = mean["raw"]
-    use_fg = _nanmean(list(mean["fg"].values())) > _nanmean(list(before.values())) and not any(
+    use_fg = nanmean(list(mean["fg"].values())) > nanmean(list(before.values())) and not any(
         _worse(mean["fg"][v], before[v]) for v in keys
     )
     current = dict(mean["fg"] if use_fg else before)
@@ -76,8 +76,8 @@ def decide_postprocessing(
         "per_label_largest_component": [targets[v] for v in chosen],
         "dice_before": dict(before),
         "dice_after": after,
-        "mean_dice_before": _nanmean(list(before.values())),
-        "mean_dice_after": _nanmean(list(after.values())),
+        "mean_dice_before": nanmean(list(before.values())),
+        "mean_dice_after": nanmean(list(after.values())),
         "num_cases": len(files),
         "connectivity": "full (26 neighbours)",
     }
@@ -134,11 +134,6 @@ def _prediction_files(pred_dirs: list[Path], gt_paths: dict[str, Path]) -> dict[
     if not files:
         raise InputError(pred_dirs[0] if pred_dirs else Path("."), "no CASE.nii.gz predictions to decide on")
     return files
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _better(after: float, before: float) -> bool:

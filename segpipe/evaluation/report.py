@@ -35,11 +35,18 @@ from segpipe.core.paths import LAST_SNAPSHOTS, WorkDir
 from segpipe.core.paths import VALIDATION_FOLDERS as CANDIDATE_FOLDERS
 from segpipe.data.dataset import Dataset
 from segpipe.data.nifti import InputError
-from segpipe.evaluation.metrics import AFFINE_TOLERANCE, dice, load_label_map, mask_ignored, target_key
+from segpipe.evaluation.metrics import (
+    AFFINE_TOLERANCE,
+    dice,
+    load_label_map,
+    mask_ignored,
+    nanmean,
+    target_key,
+)
 from segpipe.inference.decode import label_map
 from segpipe.inference.postprocessing import load_decision
 from segpipe.planning.plans import Plans, load_plans
-from segpipe.runs.runlog import read_rows
+from segpipe.runs.runlog import cell_float, read_rows
 
 LAST_KIND = f"snapshots_last{LAST_SNAPSHOTS}"
 # simpler first: wins ties (fewer forward passes)
@@ -282,7 +289,7 @@ def training_warnings(
     for config, logs in curves.items():
         own = [r["name"] for r in rows if r["kind"] != "ensemble" and r["name"].split(":")[0] == config]
         for fold, log in sorted(logs.items()):
-            dice = [_float(r.get("mean_dice")) for r in log]
+            dice = [cell_float(r.get("mean_dice")) for r in log]
             dice = [float("nan") if v is None else v for v in dice]
             rising = still_rising(dice)
             if rising is not None:
@@ -294,7 +301,7 @@ def training_warnings(
             elif len([v for v in dice if not _isnan(v)]) < 2 * MIN_TAIL_EPOCHS:
                 unjudged.append(f"{config} fold {fold}")
             best_epoch = max((v for v in dice if not _isnan(v)), default=None)
-            fold_dice = {n: _nanmean(r["mean_dice"] for r in per_case[n] if r["fold"] == fold) for n in own}
+            fold_dice = {n: nanmean(r["mean_dice"] for r in per_case[n] if r["fold"] == fold) for n in own}
             fold_dice = {n: v for n, v in fold_dice.items() if not _isnan(v)}
             if best_epoch and fold_dice and max(fold_dice.values()) < FAR_BELOW * best_epoch:
                 top = max(fold_dice, key=lambda n: fold_dice[n])
@@ -370,7 +377,7 @@ def _score(
             seg = cand.label_map(wd, fold, case, plans, (ref.shape, affine))
             seg, masked_ref = mask_ignored(seg, ref, plans.ignore_label)
             scores = {target_key(t): dice(seg, masked_ref, t) for t in targets}
-            out[cand.name].append({"case": case, "fold": fold, "dice": scores, "mean_dice": _nanmean(scores.values())})
+            out[cand.name].append({"case": case, "fold": fold, "dice": scores, "mean_dice": nanmean(scores.values())})
     return out
 
 
@@ -382,13 +389,13 @@ def _target_names(plans: Plans) -> dict[str, int | str]:
 
 
 def _summarize(cand: Candidate, cases: list[dict[str, Any]], labels: list, wd: WorkDir, folds: list[int]) -> dict:
-    per_label = {target_key(v): _nanmean([c["dice"][target_key(v)] for c in cases]) for v in labels}
+    per_label = {target_key(v): nanmean([c["dice"][target_key(v)] for c in cases]) for v in labels}
     return {
         "name": cand.name,
         "kind": cand.kind,
         "members": cand.members(wd, folds),
         "dice": per_label,
-        "mean_dice": _nanmean(per_label.values()),
+        "mean_dice": nanmean(per_label.values()),
         "num_cases": len(cases),
     }
 
@@ -416,8 +423,8 @@ def _gather_folds(wd: WorkDir, configs: list[str], num_folds: int) -> tuple[list
                     "mean_dice": summary.get("mean_dice"),
                     "num_cases": summary.get("num_cases"),
                     "epochs": len(log),
-                    "final_pseudo_dice": _float(log[-1].get("mean_dice")) if log else None,
-                    "train_seconds": _float(log[-1].get("elapsed_seconds")) if log else None,
+                    "final_pseudo_dice": cell_float(log[-1].get("mean_dice")) if log else None,
+                    "train_seconds": cell_float(log[-1].get("elapsed_seconds")) if log else None,
                 }
             )
     return rows, curves
@@ -592,20 +599,8 @@ def _check_grid(path: Path, shape: tuple, affine: np.ndarray | None, grid: tuple
         raise InputError(path, "affine differs from the reference label's")
 
 
-def _nanmean(values: Any) -> float:
-    finite = [float(v) for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def _isnan(value: float | None) -> bool:
     return value is None or math.isnan(value)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

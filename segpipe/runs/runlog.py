@@ -54,6 +54,14 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def cell_float(value: str | None) -> float | None:
+    """A ``log.csv`` cell as a number; None when empty or not a number."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
 def truncate_after(path: Path, epoch: int) -> None:
     """Drop rows of epochs >= ``epoch`` (after a resume from an earlier checkpoint)."""
     rows = [r for r in read_rows(path) if int(r["epoch"]) < epoch]

@@ -16,11 +16,12 @@ from typing import Any
 
 from segpipe.core.atomic import atomic_path, read_json
 from segpipe.core.paths import WorkDir
+from segpipe.evaluation.metrics import case_mean_dice
 from segpipe.planning.plans import load_plans
 from segpipe.planning.splits import load_or_create_splits
 from segpipe.preprocessing.preprocess import list_preprocessed
 from segpipe.runs.checkpoint import FINAL, LATEST
-from segpipe.runs.runlog import read_rows
+from segpipe.runs.runlog import cell_float, read_rows
 from segpipe.training.loop import EpochEnd, TrainingRun, fit, setup
 from segpipe.training.validation import validate_fold
 
@@ -93,27 +94,15 @@ def train_and_validate(
 def _finished(run_dir: Path, summary: dict[str, Any]) -> TrialResult:
     rows = read_rows(run_dir / "log.csv")
     seconds = float(rows[-1]["elapsed_seconds"]) if rows else math.nan
-    pseudo = _float(rows[-1].get("mean_dice")) if rows else None
+    pseudo = cell_float(rows[-1].get("mean_dice")) if rows else None
     dice = summary.get("mean_dice")
-    cases = {c["case"]: _label_mean(c["dice"].values()) for c in summary.get("per_case", [])}
+    cases = {c["case"]: case_mean_dice(c) for c in summary.get("per_case", [])}
     return TrialResult(float(dice) if dice is not None else math.nan, pseudo, seconds, False, cases)
-
-
-def _label_mean(values: Any) -> float:
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _last_pseudo_dice(run: TrainingRun) -> float | None:
     rows = read_rows(run.run_dir / "log.csv")
-    return _float(rows[-1].get("mean_dice")) if rows else None
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
+    return cell_float(rows[-1].get("mean_dice")) if rows else None
 
 
 class RungReporter:
